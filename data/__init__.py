@@ -1,0 +1,1 @@
+"""Data: StitchingNet layouts, splits, augmentation, in-RAM caching and the synthetic set."""

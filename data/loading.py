@@ -1,0 +1,130 @@
+"""From a data root (or the synthetic set) to cached train/val/test datasets and loaders."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from data.images import load_images
+from data.scan import DatasetError, scan_dataset
+from data.splits import make_split
+from data.transforms import Preprocess
+
+SPLITS = ("train", "val", "test")
+
+
+class CachedImages(Dataset):
+    """Decoded images in RAM with their labels; ``transform`` runs per item."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, paths: list[str], transform: Preprocess | None = None):
+        self.images, self.labels, self.paths, self.transform = images, labels, paths, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images[index]), int(self.labels[index])
+
+    def with_transform(self, transform: Preprocess) -> "CachedImages":
+        return CachedImages(self.images, self.labels, self.paths, transform)
+
+
+@dataclass
+class DataBundle:
+    root: Path
+    dataset: str  # "real" or "synthetic": recorded in every results row
+    class_names: list[str]
+    split: dict
+    parts: dict[str, CachedImages]
+    synthetic: dict | None = None  # generator arguments, so a checkpoint can regenerate its data
+
+
+def load_data(
+    root: Path | str,
+    img_size: int,
+    seed: int,
+    dataset: str = "real",
+    split: dict | None = None,
+    test_fabrics: list[str] | None = None,
+    class_names: list[str] | None = None,
+    progress: bool = True,
+) -> DataBundle:
+    """Scan, decode and split. A given ``split`` (e.g. from a checkpoint) is reused exactly."""
+    scanned = scan_dataset(root)
+    if class_names is not None and list(class_names) != scanned.class_names:
+        raise DatasetError(
+            f"the data under '{root}' has classes {scanned.class_names}, but the checkpoint was "
+            f"trained on {list(class_names)}: use the data root it was trained on"
+        )
+    by_path = {s.path: s for s in scanned.samples}
+    if split is None:
+        images, kept = load_images(scanned.root, list(by_path), img_size, progress)
+        split = make_split([by_path[p] for p in kept], seed, test_fabrics=test_fabrics)
+    else:
+        wanted = [p for name in SPLITS for p in split[name]]
+        missing = [p for p in wanted if p not in by_path]
+        if missing:
+            raise DatasetError(
+                f"{len(missing)} images of the stored split are not under '{root}' (first: {missing[0]}): "
+                "point --data-root at the data the checkpoint was trained on"
+            )
+        images, kept = load_images(scanned.root, wanted, img_size, progress)
+    row_of = {p: i for i, p in enumerate(kept)}
+    parts = {}
+    for name in SPLITS:
+        paths = [p for p in split[name] if p in row_of]
+        if not paths:
+            raise DatasetError(f"the {name} split is empty: add images or change the split shares")
+        rows = [row_of[p] for p in paths]
+        labels = np.array([by_path[p].label for p in paths], dtype=np.int64)
+        parts[name] = CachedImages(images[rows], labels, paths)
+    return DataBundle(Path(root), dataset, scanned.class_names, split, parts)
+
+
+def make_loader(
+    data: CachedImages,
+    transform: Preprocess,
+    batch_size: int,
+    workers: int,
+    train: bool,
+    seed: int,
+    world_size: int = 1,
+    rank: int = 0,
+) -> DataLoader:
+    """Training loaders shuffle (DistributedSampler under DDP); eval loaders shard without padding."""
+    dataset = data.with_transform(transform)
+    sampler = None
+    if train and world_size > 1:
+        sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed)
+    elif not train and world_size > 1:
+        dataset = Subset(dataset, range(rank, len(dataset), world_size))
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=False,
+        generator=generator,
+        worker_init_fn=_seed_worker,
+    )
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Each worker's augmentation stream follows from the loader's per-epoch base seed."""
+    info = torch.utils.data.get_worker_info()
+    dataset = info.dataset.dataset if isinstance(info.dataset, Subset) else info.dataset
+    dataset.transform.reseed(torch.initial_seed() % 2**32)
+
+
+def seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Shuffle order and augmentation of an epoch depend on (seed, epoch) only, so a resumed
+    run repeats exactly what the uninterrupted one would have done."""
+    loader.generator.manual_seed(seed + epoch)
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    loader.dataset.transform.reseed(seed * 1000 + epoch)

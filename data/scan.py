@@ -1,0 +1,93 @@
+"""Find the images of a dataset tree and label them.
+
+Three layouts are read: ``<root>/<fabric>/<class>/<image>`` (the Kaggle download),
+``<root>/<class>/<image>``, and flat ``{fabric}_{class:02d}_{index}.jpg`` files (the
+public StitchingNet samples).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from data.stitchingnet import CLASS_KEYS, CLASSES, normalise_name
+from utils.errors import UserError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+_SAMPLE_NAME = re.compile(r"^([A-Za-z])_(\d{2})_[^/]*$")
+_FABRIC_FOLDER = re.compile(r"^([A-Za-z])\s*[.)_\-]\s")
+
+
+class DatasetError(UserError):
+    """A data problem the user can fix; its message says how."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str  # relative to the data root, with forward slashes
+    label: int
+    fabric: str  # fabric letter ("A".."K") where known, else the folder name or ""
+
+
+@dataclass(frozen=True)
+class ScannedDataset:
+    root: Path
+    samples: list[Sample]
+    class_names: list[str]
+
+
+def _fabric_id(folder: str) -> str:
+    match = _FABRIC_FOLDER.match(folder)
+    return match.group(1).upper() if match else folder
+
+
+def _list_images(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def scan_dataset(root: Path | str) -> ScannedDataset:
+    """Label every image under ``root``; raises DatasetError when there is nothing to read."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"data root '{root}' does not exist. {HOW_TO_GET_DATA}")
+    files = _list_images(root)
+    if not files:
+        raise DatasetError(f"no images found under '{root}'. {HOW_TO_GET_DATA}")
+
+    entries: list[tuple[str, str, str]] = []  # (relative path, class folder name, fabric)
+    for file in files:
+        rel = file.relative_to(root).as_posix()
+        parts = rel.split("/")
+        if len(parts) == 1:
+            match = _SAMPLE_NAME.match(parts[0])
+            if not match or int(match.group(2)) >= len(CLASSES):
+                raise DatasetError(
+                    f"cannot tell the class of '{rel}': put images in class folders or name them "
+                    "{fabric}_{class:02d}_{index}.jpg"
+                )
+            entries.append((rel, CLASSES[int(match.group(2))], match.group(1).upper()))
+        elif len(parts) == 2:
+            entries.append((rel, parts[0], ""))
+        else:
+            entries.append((rel, parts[-2], _fabric_id(parts[-3])))
+
+    keys = {normalise_name(name) for _, name, _ in entries}
+    if keys <= CLASS_KEYS.keys():
+        class_names = list(CLASSES)
+        index = CLASS_KEYS
+    else:
+        display = {}
+        for _, name, _ in entries:
+            display.setdefault(normalise_name(name), name)
+        ordered = sorted(display)
+        class_names = [display[k] for k in ordered]
+        index = {k: i for i, k in enumerate(ordered)}
+    samples = [Sample(rel, index[normalise_name(name)], fabric) for rel, name, fabric in entries]
+    return ScannedDataset(root, samples, class_names)
+
+
+HOW_TO_GET_DATA = (
+    "Download StitchingNet from Kaggle (hyungjung/stitchingnet-dataset) and unpack it so that "
+    "<data-root>/<fabric folder>/<class folder>/<image>.jpg exists (default --data-root "
+    "dataset/StitchingNet), or run with --synthetic to use the embedded synthetic StitchingNet."
+)

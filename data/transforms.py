@@ -1,0 +1,56 @@
+"""Augmentation versions 0-3 (albumentations) and the shared eval preprocessing."""
+from __future__ import annotations
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+
+AUGMENT_VERSIONS = (0, 1, 2, 3)
+
+
+def _augmentations(version: int) -> list[A.BasicTransform]:
+    if version not in AUGMENT_VERSIONS:
+        raise ValueError(f"augment version must be one of {AUGMENT_VERSIONS}, got {version}")
+    ops: list[A.BasicTransform] = []
+    if version >= 1:
+        ops += [
+            A.HorizontalFlip(p=0.5),
+            A.VerticalFlip(p=0.5),
+            A.Rotate(limit=10, border_mode=cv2.BORDER_REFLECT_101, p=0.5),
+        ]
+    if version >= 2:
+        ops += [
+            A.HueSaturationValue(hue_shift_limit=5, sat_shift_limit=15, val_shift_limit=10, p=0.5),
+            A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.5),
+        ]
+    if version >= 3:
+        ops += [
+            A.GaussianBlur(blur_limit=(3, 5), p=0.3),
+            A.GaussNoise(std_range=(0.02, 0.06), p=0.3),
+        ]
+    return ops
+
+
+class Preprocess:
+    """uint8 HWC image -> normalised float CHW tensor, after optional augmentation.
+
+    Images are already resized when cached, so this stays cheap enough for the
+    main process on a 2-core CPU.
+    """
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], augment: int = 0):
+        self.augment = A.Compose(_augmentations(augment)) if augment else None
+        self.mean = torch.tensor(mean).view(3, 1, 1) * 255
+        self.std = torch.tensor(std).view(3, 1, 1) * 255
+
+    def reseed(self, seed: int) -> None:
+        """Make the augmentation stream a function of ``seed`` (exact resume, per-worker streams)."""
+        if self.augment is not None:
+            self.augment.set_random_seed(seed)
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        if self.augment is not None:
+            image = self.augment(image=image)["image"]
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+        return (tensor - self.mean) / self.std

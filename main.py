@@ -1,0 +1,74 @@
+"""Fine-tune timm models on StitchingNet (or the embedded synthetic set) and record the results.
+
+Single process:  python main.py --model mobilenetv3_small --alpha 0.75 --augment 1 --epochs 100
+Distributed:     torchrun --nproc_per_node 2 main.py --model lcnet_050 ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from models.factory import ModelSpec, create_model, resolve_model
+from models.stats import model_stats
+from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.cli import add_data_args, add_model_args, add_run_args, add_training_args, run_cli
+from utils.distributed import cleanup, setup_runtime
+from utils.results import print_table
+from utils.workflow import DEFAULT_IMG_SIZE, finetune, prepare_data
+
+KEPT_ON_RESUME = ("resume", "workers", "device")  # everything else comes from the checkpoint
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Fine-tune lightweight timm CNNs to classify sewing-stitch images (Normal + 10 defect types).",
+        epilog="Example: python main.py --synthetic --synthetic-per-class 8 --model lcnet_050 --img-size 96 --epochs 5",
+    )
+    add_model_args(parser)
+    parser.add_argument("--stats-only", action="store_true",
+                        help="no training: print one JSON line per model with params, size_mb and fvcore FLOPs")
+    parser.add_argument("--resume", metavar="LAST_PT", help="continue a stopped run from its last.pt, exactly where it stopped")
+    add_data_args(parser)
+    add_training_args(parser)
+    add_run_args(parser)
+    return parser
+
+
+def print_stats(specs: list[ModelSpec], img_size: int, num_classes: int = 11) -> None:
+    for spec in specs:
+        model, _ = create_model(spec, num_classes, pretrained=False)
+        stats = model_stats(model, img_size, num_classes)
+        print(json.dumps({"model": spec.name, "alpha": spec.alpha, "img_size": img_size, **stats}))
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume)
+        if "resume" not in checkpoint:
+            raise CheckpointError(f"'{args.resume}' has no training state: resume from a run's last.pt, not best.pt")
+        stored = checkpoint["description"]
+        args = argparse.Namespace(**{**stored["args"], **{k: getattr(args, k) for k in KEPT_ON_RESUME}})
+        specs = [ModelSpec(stored["model"], stored["family"], stored["alpha"])]
+    else:
+        stored, checkpoint = None, None
+        specs = [resolve_model(name.strip(), args.alpha) for name in args.model.split(",") if name.strip()]
+    if args.stats_only:
+        print_stats(specs, args.img_size or DEFAULT_IMG_SIZE)
+        return
+    runtime = setup_runtime(args.device, args.amp)
+    try:
+        bundle = prepare_data(args, runtime, stored=stored)
+        rows = []
+        for spec in specs:
+            resume_dir = Path(args.resume).parent if checkpoint else None
+            _, row = finetune(spec, bundle, args, runtime, resume=checkpoint, resume_dir=resume_dir)
+            rows.append(row)
+        if runtime.is_main:
+            print_table(rows)
+    finally:
+        cleanup(runtime)
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())

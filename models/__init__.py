@@ -1,0 +1,1 @@
+"""Models: timm factory with width multipliers, and cost statistics."""

@@ -1,0 +1,138 @@
+"""Build timm models by name, or by family + width multiplier ``alpha`` (timm's own rounding)."""
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import timm
+import torch
+from timm.models import efficientnet, ghostnet, mobilenetv3, repghost
+
+from utils.errors import UserError
+
+
+class ModelError(UserError):
+    """A model request the user can fix; its message says how."""
+
+
+@dataclass(frozen=True)
+class Family:
+    generator: Callable[..., torch.nn.Module]
+    base_variant: str  # variant at alpha 1.0; the generators read block layout from it
+
+
+def _width(generator: Callable, keyword: str) -> Callable:
+    return lambda variant, alpha, **kw: generator(variant, **{keyword: alpha}, **kw)
+
+
+FAMILIES: dict[str, Family] = {
+    "mobilenetv1": Family(_width(efficientnet._gen_mobilenet_v1, "channel_multiplier"), "mobilenetv1_100"),
+    "mobilenetv2": Family(_width(efficientnet._gen_mobilenet_v2, "channel_multiplier"), "mobilenetv2_100"),
+    "mobilenetv3_small": Family(_width(mobilenetv3._gen_mobilenet_v3, "channel_multiplier"), "mobilenetv3_small_100"),
+    "mobilenetv3_large": Family(_width(mobilenetv3._gen_mobilenet_v3, "channel_multiplier"), "mobilenetv3_large_100"),
+    "lcnet": Family(_width(mobilenetv3._gen_lcnet, "channel_multiplier"), "lcnet_100"),
+    "mnasnet": Family(_width(efficientnet._gen_mnasnet_b1, "channel_multiplier"), "mnasnet_100"),
+    "ghostnet": Family(_width(ghostnet._create_ghostnet, "width"), "ghostnet_100"),
+    "repghostnet": Family(_width(repghost._create_repghostnet, "width"), "repghostnet_100"),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to build: a registered timm name, or a family at a width multiplier."""
+
+    name: str  # timm name, or "<family>_alpha<alpha>" where timm registers no such variant
+    family: str | None = None
+    alpha: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"model": self.name, "family": self.family, "alpha": self.alpha}
+
+
+def resolve_model(name: str, alpha: float | None = None) -> ModelSpec:
+    """Turn ``--model``/``--alpha`` into a ModelSpec, or raise ModelError with the closest names."""
+    if alpha is not None and alpha <= 0:
+        raise ModelError(f"--alpha must be > 0, got {alpha}")
+    if name in FAMILIES:
+        alpha = 1.0 if alpha is None else alpha
+        registered = f"{name}_{round(alpha * 100):03d}"
+        if abs(alpha * 100 - round(alpha * 100)) < 1e-9 and timm.is_model(registered):
+            return ModelSpec(registered, name, alpha)
+        return ModelSpec(f"{name}_alpha{alpha:g}", name, alpha)
+    if timm.is_model(name):
+        if alpha is not None:
+            raise ModelError(f"--alpha works with a family name ({', '.join(FAMILIES)}), not with '{name}'")
+        return ModelSpec(name)
+    close = difflib.get_close_matches(name, list(FAMILIES) + timm.list_models(), n=5, cutoff=0.6)
+    hint = f" Closest: {', '.join(close)}." if close else " See timm.list_models()."
+    raise ModelError(f"unknown model '{name}'.{hint}")
+
+
+def _build(spec: ModelSpec, num_classes: int, pretrained: bool) -> torch.nn.Module:
+    if spec.family is not None and not timm.is_model(spec.name):
+        family = FAMILIES[spec.family]
+        return family.generator(family.base_variant, spec.alpha, pretrained=False, num_classes=num_classes)
+    return timm.create_model(spec.name, pretrained=pretrained, num_classes=num_classes)
+
+
+def create_model(spec: ModelSpec, num_classes: int, pretrained: bool = True) -> tuple[torch.nn.Module, bool]:
+    """Build the model; returns it and whether pretrained weights were really loaded.
+
+    Pretrained weights come from timm's hub. When they cannot be fetched (offline, or no
+    weights for this width) a loud warning goes to stderr and training starts from random init.
+    """
+    if not pretrained:
+        return _build(spec, num_classes, False), False
+    if not timm.is_model(spec.name) or not timm.models.get_pretrained_cfg(spec.name):
+        _warn(f"no pretrained weights exist for {spec.name}; starting from random init")
+        return _build(spec, num_classes, False), False
+    try:
+        return _build(spec, num_classes, True), True
+    except (OSError, RuntimeError, ValueError) as error:
+        _warn(f"could not load pretrained weights for {spec.name} ({type(error).__name__}: {error}); starting from random init")
+        return _build(spec, num_classes, False), False
+
+
+def _warn(message: str) -> None:
+    print(f"\n*** WARNING: {message} ***\n", file=sys.stderr, flush=True)
+
+
+def load_weights(model: torch.nn.Module, path: str) -> list[str]:
+    """Load local weights (a checkpoint of this project or a plain state dict).
+
+    Tensors whose shape does not match (a classifier for another class count) are left
+    as initialised; returns their names.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelError(f"--weights file '{path}' does not exist") from None
+    except Exception as error:  # torch raises many types for a file that is not a state dict
+        raise ModelError(f"--weights '{path}' is not a readable PyTorch state dict ({error})") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise ModelError(f"--weights '{path}' holds no state dict")
+    own = model.state_dict()
+    skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    usable = {k: v for k, v in state.items() if k in own and k not in skipped}
+    if not usable:
+        raise ModelError(f"--weights '{path}' has no tensor matching {type(model).__name__}'s layers")
+    model.load_state_dict(usable, strict=False)
+    return skipped
+
+
+def head_parameters(model: torch.nn.Module) -> set[int]:
+    """ids of the classifier parameters (they get the higher learning rate)."""
+    return {id(p) for p in model.get_classifier().parameters()}
+
+
+def data_config(model: torch.nn.Module) -> dict:
+    """Normalisation of the model's pretrained config (ImageNet mean/std by default)."""
+    config = timm.data.resolve_model_data_config(model)
+    return {"mean": [float(x) for x in config["mean"]], "std": [float(x) for x in config["std"]]}
+
+
+__all__ = ["FAMILIES", "ModelError", "ModelSpec", "create_model", "data_config", "head_parameters", "load_weights", "resolve_model"]

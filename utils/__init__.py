@@ -1,0 +1,1 @@
+"""Shared engine: checkpoints, results table, metrics, distributed set-up, training loop, CLI."""

@@ -1,0 +1,87 @@
+"""Flags shared by every script, and the wrapper that turns user errors into one line."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+from data.transforms import AUGMENT_VERSIONS
+from utils.errors import UserError
+
+DEFAULT_WORKERS = max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data-root",
+                       help="StitchingNet folder (<root>/<fabric>/<class>/<image>), a <root>/<class>/<image> tree, "
+                            "or flat {fabric}_{class:02d}_{index}.jpg files (default: a given checkpoint's data, "
+                            "else dataset/StitchingNet)")
+    group.add_argument("--synthetic", action="store_true",
+                       help="use the embedded procedural synthetic StitchingNet (generated once into ~/.cache); "
+                            "results are labelled dataset=synthetic")
+    group.add_argument("--synthetic-per-class", type=positive_int, metavar="N",
+                       help="with --synthetic: N images per (fabric, class) pair instead of the real dataset's size (14,565)")
+    group.add_argument("--img-size", type=positive_int, help="square input size in pixels (default: a given checkpoint's, else 224)")
+    group.add_argument("--augment", type=int, choices=AUGMENT_VERSIONS, default=1,
+                       help="augmentation version: 0 none, 1 flips + small rotation, 2 = 1 + colour jitter, "
+                            "3 = 2 + blur + noise (default: %(default)s)")
+    group.add_argument("--test-fabrics", metavar="LETTERS", type=lambda s: [f for f in s.split(",") if f],
+                       help="hold these fabrics out as the whole test set, e.g. I,J,K (unseen-fabric generalisation)")
+    group.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="DataLoader worker processes (default: %(default)s)")
+
+
+def add_model_args(parser: argparse.ArgumentParser, default: str = "mobilenetv3_small_050") -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=default,
+                       help="timm model name (e.g. mobilenetv3_small_050, lcnet_075, resnet18), or a family "
+                            "(mobilenetv1, mobilenetv2, mobilenetv3_small, mobilenetv3_large, lcnet, mnasnet, ghostnet, "
+                            "repghostnet) with --alpha; comma-separated names train one after another on the same split "
+                            "(default: %(default)s)")
+    group.add_argument("--alpha", type=float, help="width multiplier for a family name, timm's channel rounding (default: 1.0)")
+    group.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                       help="start from timm's ImageNet weights; offline, a loud warning and random init (default: on)")
+    group.add_argument("--weights", metavar="FILE", help="start from local weights (a checkpoint of this toolkit or a state dict); "
+                                                          "a classifier of another class count is replaced")
+
+
+def add_training_args(parser: argparse.ArgumentParser, epochs: int = 100, lr: float = 1e-3) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument("--epochs", type=positive_int, default=epochs, help="maximum epochs (default: %(default)s)")
+    group.add_argument("--batch-size", type=positive_int, default=32, help="batch size per process (default: %(default)s)")
+    group.add_argument("--patience", type=positive_int, default=5,
+                       help="early stopping: epochs without validation-loss improvement (default: %(default)s)")
+    group.add_argument("--lr", type=float, default=lr, help="learning rate of the classifier head (default: %(default)s)")
+    group.add_argument("--lr-backbone", type=float,
+                       help="learning rate of the backbone (default: 1e-4 when pretrained weights were loaded, else --lr)")
+    group.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: %(default)s)")
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("run")
+    group.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                       help="mixed precision autocast (default: on for CUDA, off for CPU where it is bf16)")
+    group.add_argument("--seed", type=int, default=2025, help="seed of the split, initialisation and augmentation (default: %(default)s)")
+    group.add_argument("--output-dir", default="runs", help="run folders and results.csv go here (default: %(default)s)")
+
+
+def run_cli(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
+    """Parse flags and run ``main``; a UserError ends the program with one clear line."""
+    args = parser.parse_args()
+    try:
+        main(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: resume with --resume <run folder>/last.pt", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,223 @@
+"""The steps every script shares: data, run folder, optimiser, training, test report, results row."""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from data.loading import DataBundle, load_data, make_loader
+from data.transforms import Preprocess
+from models.factory import ModelSpec, create_model, data_config, head_parameters, load_weights
+from models.stats import measure_latency, model_stats
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.distributed import Runtime, barrier, broadcast
+from utils.engine import EvalOutput, FitConfig, FitResult, LossFn, evaluate, fit, unwrap
+from utils.io import save_json
+from utils.metrics import classification_metrics, write_test_report
+from utils.results import append_result
+
+DEFAULT_DATA_ROOT = "dataset/StitchingNet"
+DEFAULT_IMG_SIZE = 224
+SYNTHETIC_SEED = 0  # the synthetic set is one fixed dataset; --seed varies split and training only
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stitchdefect"
+
+
+def resolve_data_source(args: argparse.Namespace, stored: dict | None = None) -> dict:
+    """Where the data comes from: the flags, else the checkpoint's description, else defaults."""
+    stored = stored or {}
+    synthetic = stored.get("synthetic") if args.synthetic is False and args.data_root is None else None
+    if args.synthetic:
+        img_size = args.img_size or stored.get("img_size") or DEFAULT_IMG_SIZE
+        synthetic = {"per_class": args.synthetic_per_class, "img_size": img_size}
+    if synthetic:
+        return {"dataset": "synthetic", "synthetic": synthetic, "data_root": None}
+    return {"dataset": "real", "synthetic": None, "data_root": args.data_root or stored.get("data_root") or DEFAULT_DATA_ROOT}
+
+
+def prepare_data(args: argparse.Namespace, runtime: Runtime, stored: dict | None = None) -> DataBundle:
+    """Load (generating the synthetic set first if asked) and split; a checkpoint's split is reused."""
+    stored = stored or {}
+    source = resolve_data_source(args, stored)
+    img_size = args.img_size or stored.get("img_size") or DEFAULT_IMG_SIZE
+    root = source["data_root"]
+    if source["synthetic"]:
+        from data.synthetic import ensure_synthetic
+
+        synthetic = source["synthetic"]
+        make = lambda: ensure_synthetic(  # noqa: E731
+            cache_root(), synthetic["per_class"], SYNTHETIC_SEED, synthetic["img_size"],
+            like_stitchingnet=synthetic["per_class"] is None,
+        )
+        if runtime.is_main:
+            make()
+        barrier(runtime)
+        root = make()
+    bundle = load_data(
+        root, img_size, args.seed, dataset=source["dataset"], split=stored.get("split"),
+        test_fabrics=getattr(args, "test_fabrics", None), class_names=stored.get("class_names"),
+        progress=runtime.is_main,
+    )
+    bundle.synthetic = source["synthetic"]
+    return bundle
+
+
+def create_run_dir(output_dir: str | Path, script: str, model_name: str, runtime: Runtime) -> Path:
+    """``<output-dir>/<script>/<timestamp>_<model>/``, unique, the same on every rank."""
+    name = None
+    if runtime.is_main:
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = Path(output_dir) / script
+        name = f"{stamp}_{model_name}"
+        suffix = 1
+        while (base / name).exists():
+            suffix += 1
+            name = f"{stamp}_{model_name}-{suffix}"
+        (base / name).mkdir(parents=True)
+    return Path(output_dir) / script / broadcast(name, runtime)
+
+
+def describe(script: str, method: str, spec_dict: dict, bundle: DataBundle, img_size: int, mean: list, std: list,
+             pretrained: bool, args: argparse.Namespace, **extra) -> dict:
+    """The self-description stored in every checkpoint (plain types only)."""
+    return {
+        "script": script, "method": method, **spec_dict,
+        "num_classes": len(bundle.class_names), "class_names": list(bundle.class_names),
+        "img_size": img_size, "mean": mean, "std": std, "pretrained": pretrained,
+        "dataset": bundle.dataset, "data_root": str(bundle.root), "synthetic": bundle.synthetic,
+        "augment": args.augment, "seed": args.seed, "split": bundle.split,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        **extra,
+    }
+
+
+def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, pretrained: bool) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW, higher LR for the new head than for a pretrained backbone, cosine over the epochs."""
+    lr_backbone = args.lr_backbone if args.lr_backbone is not None else (1e-4 if pretrained else args.lr)
+    head = head_parameters(model)
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) in head], "lr": args.lr},
+        {"params": [p for p in model.parameters() if id(p) not in head], "lr": lr_backbone},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=args.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+
+
+def loaders(bundle: DataBundle, description: dict, args: argparse.Namespace, runtime: Runtime) -> dict:
+    mean, std = description["mean"], description["std"]
+    plain = Preprocess(mean, std, augment=0)
+    common = dict(batch_size=args.batch_size, workers=args.workers, seed=args.seed, world_size=runtime.world_size, rank=runtime.rank)
+    return {
+        "train": make_loader(bundle.parts["train"], Preprocess(mean, std, args.augment), train=True, **common),
+        "val": make_loader(bundle.parts["val"], plain, train=False, **common),
+        "test": make_loader(bundle.parts["test"], plain, train=False, **{**common, "world_size": 1, "rank": 0}),
+    }
+
+
+def prepare_model(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
+    """Move to the device in channels_last (about 1.5x faster on CPU too); wrap in DDP under torchrun."""
+    model = model.to(runtime.device, memory_format=torch.channels_last)
+    if runtime.distributed:
+        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=device_ids)
+    return model
+
+
+def train(model: torch.nn.Module, bundle: DataBundle, description: dict, args: argparse.Namespace, runtime: Runtime,
+          run_dir: Path, loss_fn: LossFn | None = None, resume: dict | None = None, **hooks) -> FitResult:
+    """Fit ``model`` (already on the device) on the bundle's train split with early stopping."""
+    data = loaders(bundle, description, args, runtime)
+    optimizer, scheduler = build_optimizer(model, args, description["pretrained"])
+    extra = {"loss_fn": loss_fn} if loss_fn is not None else {}
+    return fit(model, data["train"], data["val"], optimizer, scheduler, runtime,
+               FitConfig(args.epochs, args.patience, args.seed), run_dir, description, resume=resume, **extra, **hooks)
+
+
+def test_predictions(model: torch.nn.Module, bundle: DataBundle, description: dict, args: argparse.Namespace, runtime: Runtime) -> EvalOutput:
+    return evaluate(model, loaders(bundle, description, args, runtime)["test"], runtime, desc="test")
+
+
+def record(output: EvalOutput, bundle: DataBundle, description: dict, run_dir: Path, model_for_cost: torch.nn.Module | None,
+           checkpoint: Path, output_dir: str | Path, script: str, method: str, epochs: int | str = "",
+           latency_ms: float | None = None, stats: dict | None = None) -> dict:
+    """Write the test report into ``run_dir`` and append the results row; returns the row.
+
+    Cost figures come from ``model_for_cost`` (FP32 eager) unless ``stats``/``latency_ms``
+    are given (quantised or exported artifacts measure themselves).
+    """
+    num_classes = len(bundle.class_names)
+    metrics = classification_metrics(output.targets, output.preds, num_classes)
+    metrics["loss"] = output.loss
+    write_test_report(run_dir, output.targets, output.preds, output.probs, bundle.parts["test"].paths, bundle.class_names, metrics)
+    img_size = description["img_size"]
+    if stats is None:
+        stats = model_stats(model_for_cost, img_size, num_classes)
+    if latency_ms is None:
+        latency_ms = measure_latency(model_for_cost, img_size, threads=1)
+    row = {
+        "run_id": run_dir.name, "date": dt.datetime.now().isoformat(timespec="seconds"), "script": script, "method": method,
+        "model": description["model"], "alpha": description.get("alpha") or "", "pretrained": description["pretrained"],
+        "dataset": bundle.dataset, "augment": description["augment"], "img_size": img_size, "epochs": epochs,
+        "seed": description["seed"], **stats, "file_mb": round(checkpoint.stat().st_size / 2**20, 4),
+        "test_acc": round(metrics["acc"], 6), "test_loss": round(output.loss, 6), "macro_f1": round(metrics["macro_f1"], 6),
+        "defect_recall": round(metrics["defect_recall"], 6), "false_alarm_rate": round(metrics["false_alarm_rate"], 6),
+        "latency_ms_1t": round(latency_ms, 4), "checkpoint": str(checkpoint),
+    }
+    append_result(Path(output_dir) / "results.csv", row)
+    return row
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def finetune(spec: ModelSpec, bundle: DataBundle, args: argparse.Namespace, runtime: Runtime,
+             script: str = "main", resume: dict | None = None, resume_dir: Path | None = None) -> tuple[Path, dict | None]:
+    """main.py's job for one model: build, train, test with the best weights, record.
+
+    Returns the run folder and, on rank 0, the results row.
+    """
+    seed_everything(args.seed)
+    num_classes = len(bundle.class_names)
+    model, pretrained = create_model(spec, num_classes, args.pretrained and not args.weights)
+    if args.weights:
+        skipped = load_weights(model, args.weights)
+        pretrained = True
+        if skipped and runtime.is_main:
+            print(f"--weights: new {num_classes}-class head, not loaded: {', '.join(skipped)}")
+    img_size = args.img_size or DEFAULT_IMG_SIZE
+    description = describe(script, "fp32", spec.to_dict(), bundle, img_size, **data_config(model), pretrained=pretrained, args=args)
+    run_dir = resume_dir or create_run_dir(args.output_dir, script, spec.name, runtime)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+    if runtime.is_main:
+        save_json(bundle.split, run_dir / "split.json")
+        print(f"{spec.name}: {len(bundle.parts['train'])} train / {len(bundle.parts['val'])} val / "
+              f"{len(bundle.parts['test'])} test images ({bundle.dataset}), run folder {run_dir}")
+    model = prepare_model(model, runtime)
+    result = train(model, bundle, description, args, runtime, run_dir, resume=resume["resume"] if resume else None)
+    barrier(runtime)
+    best_path = run_dir / "best.pt"
+    best = load_checkpoint(best_path)
+    net = unwrap(model)
+    net.load_state_dict(best["model"])
+    row = None
+    if runtime.is_main:
+        local = Runtime(runtime.device, amp_dtype=runtime.amp_dtype)
+        output = test_predictions(net, bundle, description, args, local)
+        row = record(output, bundle, description, run_dir, net, best_path, args.output_dir, script, "fp32", epochs=result.epochs_run)
+        save_checkpoint(best_path, best["model"], {**best["description"], "metrics": row})
+        print(f"test acc {row['test_acc']:.4f}  loss {row['test_loss']:.4f}  defect recall {row['defect_recall']:.4f}  "
+              f"false alarms {row['false_alarm_rate']:.4f}  (best epoch {result.best_epoch + 1})")
+    barrier(runtime)
+    return run_dir, row
