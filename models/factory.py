@@ -135,4 +135,13 @@ def data_config(model: torch.nn.Module) -> dict:
     return {"mean": [float(x) for x in config["mean"]], "std": [float(x) for x in config["std"]]}
 
 
-__all__ = ["FAMILIES", "ModelError", "ModelSpec", "create_model", "data_config", "head_parameters", "load_weights", "resolve_model"]
+__all__ = ["FAMILIES", "ModelError", "ModelSpec", "create_model", "data_config", "head_parameters", "load_weights", "model_from_checkpoint", "resolve_model"]
+
+
+def model_from_checkpoint(payload: dict) -> torch.nn.Module:
+    """Rebuild the FP32 model a checkpoint describes and load its weights (no pickled modules)."""
+    description = payload["description"]
+    spec = ModelSpec(description["model"], description.get("family"), description.get("alpha"))
+    model, _ = create_model(spec, description["num_classes"], pretrained=False)
+    model.load_state_dict(payload["model"])
+    return model.eval()

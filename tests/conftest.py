@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny datasets written by the tests and one tiny trained checkpoint."""
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT.parent / "shared" / "stitchingnet-samples"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(ROOT))
+
+from data.stitchingnet import FABRICS, class_folder  # noqa: E402
+
+
+def write_image(path: Path, label: int, rng: np.random.Generator, size: int = 40) -> None:
+    """A small JPEG whose mean colour depends on the class, so tiny runs can learn something."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base = np.array([label * 23 % 256, (label * 57 + 80) % 256, (255 - label * 19) % 256], dtype=np.float64)
+    pixels = np.clip(base + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+
+
+def make_nested_dataset(root: Path, fabrics: str = "ABC", per_class: int = 4, seed: int = 0) -> Path:
+    """``root/<fabric folder>/<class folder>/<image>.jpg`` like the Kaggle download."""
+    rng = np.random.default_rng(seed)
+    for fabric in fabrics:
+        for label in range(11):
+            for i in range(per_class):
+                write_image(root / FABRICS[fabric] / class_folder(label) / f"{fabric}_{label:02d}_{i:03d}.jpg", label, rng)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_nested_dataset(tmp_path_factory.mktemp("data") / "StitchingNet")
+
+
+def run_script(script: str, *args: str) -> int:
+    """Run a toolkit script in this process (fast: no re-import of torch); returns its exit code."""
+    old_argv = sys.argv
+    sys.argv = [script, *map(str, args)]
+    try:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+        return 0
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 1
+    finally:
+        sys.argv = old_argv
+
+
+TINY_TRAIN = ("--model", "mobilenetv3_small_050", "--no-pretrained", "--img-size", "32", "--batch-size", "16", "--workers", "0")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run folder of a 2-epoch main.py run on the tiny dataset (holds best.pt, last.pt, split.json)."""
+    out = tmp_path_factory.mktemp("runs")
+    assert run_script("main.py", *TINY_TRAIN, "--data-root", tiny_dataset, "--epochs", "2", "--output-dir", out) == 0
+    (run_dir,) = (out / "main").iterdir()
+    return run_dir
