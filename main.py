@@ -17,7 +17,7 @@ from utils.distributed import cleanup, setup_runtime
 from utils.results import print_table
 from utils.workflow import DEFAULT_IMG_SIZE, finetune, prepare_data
 
-KEPT_ON_RESUME = ("resume", "workers", "device")  # everything else comes from the checkpoint
+KEPT_ON_RESUME = ("resume", "device")  # everything else (workers too: they shape the augmentation streams) comes from the checkpoint
 
 
 def get_args_parser() -> argparse.ArgumentParser:

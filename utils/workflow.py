@@ -102,7 +102,7 @@ def describe(script: str, method: str, spec_dict: dict, bundle: DataBundle, img_
 def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, pretrained: bool) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW, higher LR for the new head than for a pretrained backbone, cosine over the epochs."""
     lr_backbone = args.lr_backbone if args.lr_backbone is not None else (1e-4 if pretrained else args.lr)
-    head = head_parameters(model)
+    head = head_parameters(unwrap(model))
     groups = [
         {"params": [p for p in model.parameters() if id(p) in head], "lr": args.lr},
         {"params": [p for p in model.parameters() if id(p) not in head], "lr": lr_backbone},
@@ -215,8 +215,9 @@ def finetune(spec: ModelSpec, bundle: DataBundle, args: argparse.Namespace, runt
     if runtime.is_main:
         local = Runtime(runtime.device, amp_dtype=runtime.amp_dtype)
         output = test_predictions(net, bundle, description, args, local)
+        metrics = {**classification_metrics(output.targets, output.preds, num_classes), "loss": output.loss}
+        save_checkpoint(best_path, best["model"], {**best["description"], "metrics": metrics})
         row = record(output, bundle, description, run_dir, net, best_path, args.output_dir, script, "fp32", epochs=result.epochs_run)
-        save_checkpoint(best_path, best["model"], {**best["description"], "metrics": row})
         print(f"test acc {row['test_acc']:.4f}  loss {row['test_loss']:.4f}  defect recall {row['defect_recall']:.4f}  "
               f"false alarms {row['false_alarm_rate']:.4f}  (best epoch {result.best_epoch + 1})")
     barrier(runtime)

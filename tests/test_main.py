@@ -1,0 +1,153 @@
+"""main.py end to end: outputs, results table, resume after a kill, DDP, and clear errors."""
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_TRAIN, run_script
+from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.results import COLUMNS, append_result, read_rows
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def test_run_folder_holds_checkpoints_reports_and_a_results_row(trained_run):
+    for name in ("best.pt", "last.pt", "log.csv", "split.json", "metrics.json", "confusion_matrix.csv",
+                 "confusion_matrix.png", "misclassified.csv", "classification_report.txt"):
+        assert (trained_run / name).is_file(), name
+    assert (trained_run / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = read_rows(trained_run.parents[1] / "results.csv")
+    assert len(rows) == 1 and list(rows[0]) == list(COLUMNS)
+    row = rows[0]
+    assert (row["script"], row["method"], row["model"], row["dataset"], row["pretrained"]) == ("main", "fp32", "mobilenetv3_small_050", "real", "False")
+    assert int(row["params"]) == 579_499 and float(row["latency_ms_1t"]) > 0
+    assert 0 <= float(row["test_acc"]) <= 1 and 0 <= float(row["defect_recall"]) <= 1
+    assert float(row["file_mb"]) == pytest.approx((trained_run / "best.pt").stat().st_size / 2**20, abs=1e-3)
+    with open(trained_run / "log.csv") as handle:
+        assert [r["epoch"] for r in csv.DictReader(handle)] == ["1", "2"]
+
+
+def test_checkpoints_are_self_describing_and_weights_only(trained_run):
+    best = torch.load(trained_run / "best.pt", map_location="cpu", weights_only=True)
+    last = torch.load(trained_run / "last.pt", map_location="cpu", weights_only=True)
+    assert "resume" not in best and {"optimizer", "scheduler", "rng", "epoch"} <= set(last["resume"])
+    description = best["description"]
+    for key in ("model", "alpha", "num_classes", "class_names", "img_size", "mean", "std", "split", "args", "metrics"):
+        assert key in description, key
+    assert description["num_classes"] == 11 and description["img_size"] == 32
+    split = json.loads((trained_run / "split.json").read_text())
+    assert description["split"] == split
+
+
+def test_untrusted_pickles_are_refused(tmp_path):
+    torch.save({"format": "stitchdefect-checkpoint", "model": Path("x")}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a checkpoint of this project"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_stats_only_prints_one_json_line_per_model(capsys):
+    assert run_script("main.py", "--stats-only", "--model", "lcnet_050,mobilenetv3_small", "--alpha", "0.5") == 2  # alpha+timm name
+    capsys.readouterr()
+    assert run_script("main.py", "--stats-only", "--model", "mobilenetv3_small", "--alpha", "0.5") == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (line["model"], line["alpha"], line["params"]) == ("mobilenetv3_small_050", 0.5, 579_499)
+    assert line["flops"] > 0 and line["size_mb"] == pytest.approx(579_499 * 4 / 2**20, abs=1e-3)
+
+
+def _final_weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(tiny_dataset, tmp_path):
+    flags = (*TINY_TRAIN, "--data-root", tiny_dataset, "--epochs", "4", "--patience", "10")
+    assert cli("main.py", *flags, "--output-dir", tmp_path / "full").returncode == 0
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "main.py", *map(str, flags), "--output-dir", str(out)],
+                               cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not list(out.glob("main/*/last.pt")) and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    (last,) = out.glob("main/*/last.pt")
+    assert load_checkpoint(last)["resume"]["epoch"] < 4, "the run finished before it was killed"
+
+    resumed = cli("main.py", "--resume", last)
+    assert resumed.returncode == 0, resumed.stderr
+    (full_dir,) = (tmp_path / "full" / "main").iterdir()
+    expected, got = _final_weights(full_dir), _final_weights(last.parent)
+    assert all(torch.allclose(expected[k].float(), got[k].float(), atol=1e-6) for k in expected)
+    assert len(read_rows(out / "results.csv")) == 1
+
+
+def _append_rows(path: str, worker: int) -> None:
+    for i in range(20):
+        append_result(path, {"run_id": f"{worker}-{i}", "model": "m", "test_acc": i})
+
+
+def test_concurrent_results_writers_lose_no_row(tmp_path):
+    path = str(tmp_path / "results.csv")
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        pool.starmap(_append_rows, [(path, w) for w in range(4)])
+    rows = read_rows(path)
+    assert sorted(r["run_id"] for r in rows) == sorted(f"{w}-{i}" for w in range(4) for i in range(20))
+
+
+def test_ddp_two_processes_on_cpu(tiny_dataset, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "main.py",
+         *map(str, TINY_TRAIN), "--data-root", str(tiny_dataset), "--epochs", "1", "--output-dir", str(tmp_path)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = list((tmp_path / "main").iterdir())
+    assert len(runs) == 1 and (runs[0] / "best.pt").is_file()  # only rank 0 writes
+    rows = read_rows(tmp_path / "results.csv")
+    assert len(rows) == 1
+    log = list(csv.DictReader(open(runs[0] / "log.csv")))
+    assert len(log) == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--data-root", "/nonexistent/StitchingNet"), "Kaggle"),
+        (("--model", "mobilenetv3_smal"), "unknown model"),
+        (("--model", "lcnet", "--alpha", "-1"), "--alpha must be > 0"),
+        (("--resume", "/nonexistent/last.pt"), "does not exist"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(args, message):
+    result = cli("main.py", "--no-pretrained", *args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and message in error_lines[0]
+
+
+def test_resume_from_best_pt_is_refused(trained_run):
+    assert run_script("main.py", "--resume", trained_run / "best.pt") == 2
+
+
+def test_diverging_loss_stops_with_a_clear_message(tiny_dataset, tmp_path):
+    result = cli("main.py", *TINY_TRAIN, "--data-root", tiny_dataset, "--epochs", "3", "--lr", "1e30", "--output-dir", tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "loss became" in result.stderr
