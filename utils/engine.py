@@ -39,7 +39,9 @@ def cross_entropy_loss(model: torch.nn.Module, images: torch.Tensor, targets: to
 
 
 def _to_device(images: torch.Tensor, targets: torch.Tensor, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
-    images = images.to(runtime.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    images = images.to(runtime.device, non_blocking=True)
+    if runtime.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
     return images, targets.to(runtime.device, non_blocking=True)
 
 

@@ -124,7 +124,7 @@ def loaders(bundle: DataBundle, description: dict, args: argparse.Namespace, run
 
 def prepare_model(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
     """Move to the device in channels_last (about 1.5x faster on CPU too); wrap in DDP under torchrun."""
-    model = model.to(runtime.device, memory_format=torch.channels_last)
+    model = model.to(runtime.device, memory_format=torch.channels_last if runtime.channels_last else torch.contiguous_format)
     if runtime.distributed:
         device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=device_ids)
