@@ -1,0 +1,86 @@
+"""One table of accuracy against cost across every run and compression method, with Pareto frontiers.
+
+Results:  python compare.py runs/results.csv more/results.csv --best-per best --markdown table.md --plot pareto.png
+Zoo:      python compare.py --zoo seed --img-size 224        (static costs of the published table's 40 models)
+"""
+from __future__ import annotations
+
+import argparse
+
+from utils.cli import positive_int, run_cli
+from utils.table import (FRONTIER_COLUMN, RESULT_COLUMNS, SORT_KEYS, ZOO_COLUMNS, CompareError, best_per, frontier_labels,
+                         load_results, markdown_table, parse_filters, plot_format, plot_pareto, select_rows, sort_rows,
+                         table_cells, write_csv, write_text, zoo_rows)
+from utils.workflow import DEFAULT_IMG_SIZE
+
+FRONTIER_NOTE = (f"{FRONTIER_COLUMN}: no row of the same dataset is both cheaper (FLOPs / 1-thread latency) and at least as "
+                 "accurate; datasets are sorted and ranked separately.")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Merge results.csv files into one accuracy-vs-cost table (the published StitchingNet-Finetuning "
+                    "columns plus method, dataset, file size, latency, macro F1, defect recall), mark the Pareto "
+                    "frontiers, write markdown/CSV and plots; or list static model costs with --zoo.",
+        epilog="Example: python compare.py runs/results.csv --dataset synthetic --best-per best --markdown table.md --plot pareto.png",
+    )
+    parser.add_argument("results", nargs="*", metavar="RESULTS_CSV",
+                        help="results.csv files (or run output folders holding one) to merge")
+    parser.add_argument("--zoo", metavar="MODELS",
+                        help="no results needed: print FLOPs, %% of MobileNetV1, params and size of comma-separated "
+                             "models, or 'seed' for the 40 models of the published StitchingNet-Finetuning table")
+    parser.add_argument("--img-size", type=positive_int, default=DEFAULT_IMG_SIZE,
+                        help="with --zoo: input size the FLOPs are counted at (default: %(default)s)")
+    parser.add_argument("--sort", choices=SORT_KEYS, default="flops",
+                        help="order within each dataset: flops, acc (best first), latency (1-thread) or size (file) "
+                             "(default: %(default)s)")
+    parser.add_argument("--filter", action="append", default=[], metavar="COLUMN=VALUE",
+                        help="keep rows whose results column equals VALUE, e.g. method=qat or augment=2 (repeatable)")
+    parser.add_argument("--dataset", choices=("real", "synthetic"), help="keep only rows of this dataset")
+    parser.add_argument("--best-per", choices=("latest", "best"),
+                        help="one row per model + method + dataset: the newest, or the most accurate")
+    parser.add_argument("--markdown", metavar="FILE", help="write the table as GitHub markdown")
+    parser.add_argument("--csv", metavar="FILE", help="write the shown rows in the results.csv schema")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="plot accuracy vs FLOPs, 1-thread latency and file size (one row of panels per dataset)")
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.plot:
+        plot_format(args.plot)
+    if args.zoo is not None:
+        if args.results or args.plot:
+            raise CompareError("--zoo lists static costs only: drop the results files and --plot, or drop --zoo")
+        rows = sort_rows(zoo_rows(args.zoo, args.img_size), "flops")
+        header, cells = table_cells(rows, ZOO_COLUMNS)
+        note = "FLOPs: fvcore, batch 1, 11 classes (same code as main.py --stats-only); size: FP32 params x 4 B."
+    else:
+        if not args.results:
+            raise CompareError("give one or more results.csv files (e.g. runs/results.csv), or --zoo MODELS")
+        filters = parse_filters(args.filter)
+        if args.dataset:
+            filters["dataset"] = args.dataset
+        rows = load_results(args.results)
+        if filters:
+            rows = select_rows(rows, filters)
+        if args.best_per:
+            rows = best_per(rows, args.best_per)
+        rows = sort_rows(rows, args.sort)
+        header, cells = table_cells(rows, RESULT_COLUMNS, extra={FRONTIER_COLUMN: frontier_labels(rows)})
+        note = FRONTIER_NOTE
+    table = markdown_table(header, cells)
+    print(table + "\n" + note)
+    if args.markdown:
+        write_text(args.markdown, table + "\n" + note + "\n")
+    if args.csv:
+        write_csv(args.csv, rows)
+    if args.plot:
+        plot_pareto(rows, args.plot)
+    written = [path for path in (args.markdown, args.csv, args.plot) if path]
+    if written:
+        print(f"wrote {', '.join(written)}")
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())
