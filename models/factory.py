@@ -125,7 +125,12 @@ def load_weights(model: torch.nn.Module, path: str) -> list[str]:
 
 
 def head_parameters(model: torch.nn.Module) -> set[int]:
-    """ids of the classifier parameters (they get the higher learning rate)."""
+    """ids of the classifier parameters (they get the higher learning rate).
+
+    Models without timm's ``get_classifier`` (FX graph modules in QAT) have no separate head group.
+    """
+    if not hasattr(model, "get_classifier"):
+        return set()
     return {id(p) for p in model.get_classifier().parameters()}
 
 
@@ -143,5 +148,9 @@ def model_from_checkpoint(payload: dict) -> torch.nn.Module:
     description = payload["description"]
     spec = ModelSpec(description["model"], description.get("family"), description.get("alpha"))
     model, _ = create_model(spec, description["num_classes"], pretrained=False)
+    if "pruned" in description:  # prune.py: re-shape the base model to the stored channel counts
+        from models.pruning import apply_architecture  # lazy: models.pruning imports this module
+
+        apply_architecture(model, description["pruned"]["architecture"])
     model.load_state_dict(payload["model"])
     return model.eval()

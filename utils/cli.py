@@ -39,9 +39,10 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="DataLoader worker processes (default: %(default)s)")
 
 
-def add_model_args(parser: argparse.ArgumentParser, default: str = "mobilenetv3_small_050") -> None:
+def add_model_args(parser: argparse.ArgumentParser, default: str = "mobilenetv3_small_050", flag: str = "--model") -> None:
+    """``flag`` renames the model option (distill.py's ``--student``); it always lands in ``args.model``."""
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default=default,
+    group.add_argument(flag, dest="model", default=default,
                        help="timm model name (e.g. mobilenetv3_small_050, lcnet_075, resnet18), or a family "
                             "(mobilenetv1, mobilenetv2, mobilenetv3_small, mobilenetv3_large, lcnet, mnasnet, ghostnet, "
                             "repghostnet) with --alpha; comma-separated names train one after another on the same split "

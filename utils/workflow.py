@@ -147,16 +147,17 @@ def test_predictions(model: torch.nn.Module, bundle: DataBundle, description: di
 
 def record(output: EvalOutput, bundle: DataBundle, description: dict, run_dir: Path, model_for_cost: torch.nn.Module | None,
            checkpoint: Path, output_dir: str | Path, script: str, method: str, epochs: int | str = "",
-           latency_ms: float | None = None, stats: dict | None = None) -> dict:
-    """Write the test report into ``run_dir`` and append the results row; returns the row.
+           latency_ms: float | None = None, stats: dict | None = None, report_dir: Path | None = None) -> dict:
+    """Write the test report into ``run_dir`` (or ``report_dir``) and append the results row; returns the row.
 
     Cost figures come from ``model_for_cost`` (FP32 eager) unless ``stats``/``latency_ms``
-    are given (quantised or exported artifacts measure themselves).
+    are given (quantised or exported artifacts measure themselves). ``report_dir`` keeps the
+    reports of several methods of one run apart (e.g. ``<run>/ptq``, ``<run>/qat``).
     """
     num_classes = len(bundle.class_names)
     metrics = classification_metrics(output.targets, output.preds, num_classes)
     metrics["loss"] = output.loss
-    write_test_report(run_dir, output.targets, output.preds, output.probs, bundle.parts["test"].paths, bundle.class_names, metrics)
+    write_test_report(report_dir or run_dir, output.targets, output.preds, output.probs, bundle.parts["test"].paths, bundle.class_names, metrics)
     img_size = description["img_size"]
     if stats is None:
         stats = model_stats(model_for_cost, img_size, num_classes)
@@ -182,21 +183,27 @@ def seed_everything(seed: int) -> None:
 
 
 def finetune(spec: ModelSpec, bundle: DataBundle, args: argparse.Namespace, runtime: Runtime,
-             script: str = "main", resume: dict | None = None, resume_dir: Path | None = None) -> tuple[Path, dict | None]:
+             script: str = "main", resume: dict | None = None, resume_dir: Path | None = None,
+             loss_fn: LossFn | None = None, method: str = "fp32", start: tuple[torch.nn.Module, bool] | None = None,
+             inherit: dict | None = None) -> tuple[Path, dict | None]:
     """main.py's job for one model: build, train, test with the best weights, record.
 
+    Other scripts reuse it with a training ``loss_fn`` and results ``method`` (distillation),
+    a model built beforehand as ``start`` = (model, starts from trained weights), and
+    description keys to ``inherit`` (e.g. the teacher); the run's own description keys win.
     Returns the run folder and, on rank 0, the results row.
     """
     seed_everything(args.seed)
     num_classes = len(bundle.class_names)
-    model, pretrained = create_model(spec, num_classes, args.pretrained and not args.weights)
-    if args.weights:
+    model, pretrained = start if start is not None else create_model(spec, num_classes, args.pretrained and not args.weights)
+    if args.weights and start is None:
         skipped = load_weights(model, args.weights)
         pretrained = True
         if skipped and runtime.is_main:
             print(f"--weights: new {num_classes}-class head, not loaded: {', '.join(skipped)}")
     img_size = args.img_size or DEFAULT_IMG_SIZE
-    description = describe(script, "fp32", spec.to_dict(), bundle, img_size, **data_config(model), pretrained=pretrained, args=args)
+    description = {**(inherit or {}),
+                   **describe(script, method, spec.to_dict(), bundle, img_size, **data_config(model), pretrained=pretrained, args=args)}
     run_dir = resume_dir or create_run_dir(args.output_dir, script, spec.name, runtime)
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -205,7 +212,7 @@ def finetune(spec: ModelSpec, bundle: DataBundle, args: argparse.Namespace, runt
         print(f"{spec.name}: {len(bundle.parts['train'])} train / {len(bundle.parts['val'])} val / "
               f"{len(bundle.parts['test'])} test images ({bundle.dataset}), run folder {run_dir}")
     model = prepare_model(model, runtime)
-    result = train(model, bundle, description, args, runtime, run_dir, resume=resume["resume"] if resume else None)
+    result = train(model, bundle, description, args, runtime, run_dir, loss_fn=loss_fn, resume=resume["resume"] if resume else None)
     barrier(runtime)
     best_path = run_dir / "best.pt"
     best = load_checkpoint(best_path)
@@ -217,7 +224,7 @@ def finetune(spec: ModelSpec, bundle: DataBundle, args: argparse.Namespace, runt
         output = test_predictions(net, bundle, description, args, local)
         metrics = {**classification_metrics(output.targets, output.preds, num_classes), "loss": output.loss}
         save_checkpoint(best_path, best["model"], {**best["description"], "metrics": metrics})
-        row = record(output, bundle, description, run_dir, net, best_path, args.output_dir, script, "fp32", epochs=result.epochs_run)
+        row = record(output, bundle, description, run_dir, net, best_path, args.output_dir, script, method, epochs=result.epochs_run)
         print(f"test acc {row['test_acc']:.4f}  loss {row['test_loss']:.4f}  defect recall {row['defect_recall']:.4f}  "
               f"false alarms {row['false_alarm_rate']:.4f}  (best epoch {result.best_epoch + 1})")
     barrier(runtime)

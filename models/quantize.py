@@ -1,0 +1,241 @@
+"""INT8 quantisation of timm CNNs with torch.ao.quantization FX graph mode (PTQ and QAT).
+
+FX mode quantises timm models without hand-written copies, but its conv-bn-act fusion
+patterns only match plain ``nn.BatchNorm2d``. timm folds the activation into
+``BatchNormAct2d``; left as is, every BatchNorm stays in float behind a dequantize/quantize
+round trip and the INT8 model is slower than FP32. ``unfold_timm_layers`` therefore splits
+each one into ``BatchNorm2d`` + activation (same weights) before ``prepare_fx``.
+
+INT8 artifacts use the project's one checkpoint format: the quantised state dict plus the
+FP32 description, loadable with ``torch.load(weights_only=True)``. ``load_quantized`` rebuilds
+the module (FP32 model -> same unfolding -> prepare -> convert -> load the INT8 weights).
+"""
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+from torch.ao.nn.intrinsic.qat import freeze_bn_stats
+from torch.ao.quantization import (
+    FakeQuantizeBase, QConfig, QConfigMapping, default_fused_per_channel_wt_fake_quant, default_fused_wt_fake_quant,
+    default_per_channel_weight_observer, default_weight_observer, disable_observer, get_default_qat_qconfig_mapping,
+    get_default_qconfig_mapping,
+)
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
+from timm.layers import BatchNormAct2d
+from timm.layers.linear import Linear as TimmLinear
+
+from models.factory import model_from_checkpoint
+from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from utils.errors import UserError
+from utils.io import atomic_path
+
+# torch 2.14 announces the move of FX quantisation to torchao on every call; this toolkit pins
+# torch and documents the choice (docs/quantization.md), so the notice is noise for users.
+warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated", category=DeprecationWarning)
+warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel", category=UserWarning)
+warnings.filterwarnings("ignore", message="Please use quant_min and quant_max", category=UserWarning)
+
+BACKENDS = ("x86", "fbgemm", "qnnpack")  # qnnpack: the ARM kernels of a Raspberry Pi
+MIN_CALIBRATION_IMAGES = 100  # fewer images give noisy activation ranges
+
+
+class QuantizationError(UserError):
+    """A model, backend or file that cannot be quantised or loaded; the message says why."""
+
+
+class CalibrationWarning(UserWarning):
+    """PTQ calibrated on fewer images than asked for or than is reliable."""
+
+
+def available_backends() -> list[str]:
+    return [name for name in BACKENDS if name in torch.backends.quantized.supported_engines]
+
+
+def set_backend(name: str) -> None:
+    """Select the quantised kernel set; packing of INT8 weights depends on it."""
+    if name not in available_backends():
+        raise QuantizationError(f"unsupported quantisation backend '{name}': choose one of {', '.join(available_backends())}")
+    torch.backends.quantized.engine = name
+
+
+def unfold_timm_layers(model: nn.Module) -> nn.Module:
+    """Replace timm's fused-looking layers by the plain torch layers FX knows (in place).
+
+    ``BatchNormAct2d`` -> ``Sequential(BatchNorm2d, activation)`` so conv-bn-act fuses;
+    timm's ``Linear`` subclass -> ``nn.Linear`` so the classifier becomes a quantised Linear.
+    Weights, buffers and train/eval mode are kept.
+    """
+    for name, child in list(model.named_children()):
+        if isinstance(child, BatchNormAct2d):
+            norm = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            norm.load_state_dict(child.state_dict())
+            parts = [norm] + [m for m in (child.drop, child.act) if not isinstance(m, nn.Identity)]
+            replacement = nn.Sequential(*parts)
+        elif type(child) is TimmLinear:
+            replacement = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+            replacement.load_state_dict(child.state_dict())
+        else:
+            unfold_timm_layers(child)
+            continue
+        setattr(model, name, replacement.train(child.training))
+    return model
+
+
+def qconfig_mapping(backend: str, per_channel: bool = True, qat: bool = False) -> QConfigMapping:
+    """The backend's default mapping (observers, fixed-range ops) with per-channel or per-tensor weights."""
+    if qat:
+        mapping = get_default_qat_qconfig_mapping(backend)
+        weight = default_fused_per_channel_wt_fake_quant if per_channel else default_fused_wt_fake_quant
+    else:
+        mapping = get_default_qconfig_mapping(backend)
+        weight = default_per_channel_weight_observer if per_channel else default_weight_observer
+    return mapping.set_global(QConfig(activation=mapping.global_qconfig.activation, weight=weight))
+
+
+def _blocking_module(model: nn.Module, trace: TracebackType | None) -> str:
+    """The innermost module of ``model`` whose forward was running when tracing failed."""
+    names = {id(module): name for name, module in model.named_modules()}
+    found = ""
+    while trace is not None:
+        owner = trace.tb_frame.f_locals.get("self")
+        if id(owner) in names:
+            found = f"'{names[id(owner)] or 'model'}' ({type(owner).__name__})"
+        trace = trace.tb_next
+    return found
+
+
+def prepare(model: nn.Module, backend: str, img_size: int, per_channel: bool = True, qat: bool = False) -> torch.fx.GraphModule:
+    """Unfold, trace and insert observers (PTQ, eval mode) or fake quantisation (QAT, train mode)."""
+    set_backend(backend)
+    model = unfold_timm_layers(copy.deepcopy(model).cpu().train(qat))
+    example = (torch.zeros(1, 3, img_size, img_size),)
+    insert = prepare_qat_fx if qat else prepare_fx
+    try:
+        return insert(model, qconfig_mapping(backend, per_channel, qat), example)
+    except Exception as error:  # tracing raises TraceError, TypeError, RuntimeError... from user code
+        where = _blocking_module(model, error.__traceback__)
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise QuantizationError(
+            f"{type(model).__name__} cannot be traced for FX quantisation; module {where or '(top level)'} stops it: {first_line}"
+        ) from None
+
+
+def convert(prepared: torch.fx.GraphModule, img_size: int) -> torch.fx.GraphModule:
+    """An INT8 CPU copy of a prepared (calibrated or QAT) model; ``prepared`` is left untouched.
+
+    One test forward names the op when a float op has no quantised kernel.
+    """
+    converted = convert_fx(copy.deepcopy(prepared).cpu().eval())
+    try:
+        with torch.inference_mode():
+            converted(torch.zeros(1, 3, img_size, img_size))
+    except (NotImplementedError, RuntimeError) as error:
+        op = re.search(r"Could not run '([^']+)'", str(error))
+        raise QuantizationError(
+            f"the INT8 model cannot run: {op.group(1) if op else str(error).splitlines()[0]} has no quantised CPU kernel"
+        ) from None
+    return converted
+
+
+def float_batch_norms(converted: torch.fx.GraphModule) -> list[str]:
+    """Nodes of a converted graph that still run BatchNorm in float (should be none)."""
+    found = []
+    for node in converted.graph.nodes:
+        if node.op == "call_module" and isinstance(converted.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
+            found.append(node.name)
+        elif node.op in ("call_function", "call_method") and "batch_norm" in getattr(node.target, "__name__", str(node.target)):
+            found.append(node.name)
+    return found
+
+
+@torch.inference_mode()
+def calibrate(prepared: torch.fx.GraphModule, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], max_batches: int,
+              requested_images: int) -> int:
+    """Run up to ``max_batches`` batches through the observers; returns how many images were seen."""
+    prepared.eval()
+    seen = 0
+    for index, (images, _) in enumerate(batches):
+        if index >= max_batches:
+            break
+        prepared(images.cpu())
+        seen += len(images)
+    if seen < requested_images or seen < MIN_CALIBRATION_IMAGES:
+        warnings.warn(
+            f"PTQ calibrated on only {seen} images (asked for {requested_images}; at least {MIN_CALIBRATION_IMAGES} "
+            "give stable activation ranges): expect lower INT8 accuracy", CalibrationWarning, stacklevel=3,
+        )
+    return seen
+
+
+def qat_schedule(prepared: nn.Module, observer_epochs: int, bn_freeze_epochs: int) -> Callable[[int], None]:
+    """``before_epoch`` hook: freeze observers, then BatchNorm statistics (torchvision's QAT recipe)."""
+    def before_epoch(epoch: int) -> None:
+        if epoch >= observer_epochs:
+            prepared.apply(disable_observer)
+        if epoch >= bn_freeze_epochs:
+            prepared.apply(freeze_bn_stats)
+    return before_epoch
+
+
+@contextmanager
+def observers_paused(model: nn.Module) -> Iterator[None]:
+    """Evaluate a QAT model without letting validation images move its quantisation ranges."""
+    fake_quants = [m for m in model.modules() if isinstance(m, FakeQuantizeBase)]
+    saved = [m.observer_enabled.clone() for m in fake_quants]
+    for module in fake_quants:
+        module.disable_observer()
+    try:
+        yield
+    finally:
+        for module, state in zip(fake_quants, saved):
+            module.observer_enabled.copy_(state)
+
+
+def save_quantized(path: Path | str, converted: torch.fx.GraphModule, fp32_payload: dict, settings: dict,
+                   extra: dict | None = None) -> None:
+    """INT8 checkpoint: quantised tensors + the FP32 description and tensor shapes to rebuild from."""
+    description = {
+        **fp32_payload["description"], **(extra or {}),
+        "quantization": {**settings, "fp32_shapes": {k: list(v.shape) for k, v in fp32_payload["model"].items()}},
+    }
+    save_checkpoint(path, converted.state_dict(), description)
+
+
+def build_quantized(description: dict) -> torch.fx.GraphModule:
+    """The empty INT8 module a description calls for (weights still to load)."""
+    settings = description["quantization"]
+    shapes = {k: torch.ones(shape) for k, shape in settings["fp32_shapes"].items()}  # placeholder values: overwritten
+    fp32 = model_from_checkpoint({"description": description, "model": shapes})
+    size = description["img_size"]
+    prepared = prepare(fp32, settings["backend"], size, settings["per_channel"], qat=settings["mode"] == "qat")
+    with warnings.catch_warnings():  # observers never saw data: their ranges are replaced by the stored ones
+        warnings.filterwarnings("ignore", message="must run observer before calling calculate_qparams")
+        return convert(prepared, size)
+
+
+def load_quantized(path: Path | str) -> torch.fx.GraphModule:
+    """Load an INT8 checkpoint written by quantization-train.py (weights_only, no pickled modules)."""
+    payload = load_checkpoint(path)
+    if "quantization" not in payload["description"]:
+        raise CheckpointError(f"'{path}' is an FP32 checkpoint, not an INT8 one: quantise it with quantization-train.py")
+    model = build_quantized(payload["description"])
+    model.load_state_dict(payload["model"])
+    return model.eval()
+
+
+def save_torchscript(converted: torch.fx.GraphModule, path: Path | str, img_size: int) -> None:
+    """Traced TorchScript file for deployment: ``torch.jit.load`` needs no toolkit code."""
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates jit; it is still the INT8 deploy format
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # INT8 scales are constants of the deployed model
+        traced = torch.jit.trace(converted.eval(), torch.zeros(1, 3, img_size, img_size))
+        with atomic_path(path) as tmp:
+            torch.jit.save(traced, str(tmp))

@@ -1,0 +1,165 @@
+"""INT8 quantisation of a fine-tuned model: post-training (PTQ) and quantisation-aware training (QAT).
+
+From a checkpoint:  python quantization-train.py --checkpoint runs/main/<run>/best.pt --mode both
+From scratch:       python quantization-train.py --model mobilenetv3_small   (fine-tunes FP32 with main.py's engine first)
+
+INT8 runs on the CPU. Outputs go to <output-dir>/quantization/<timestamp>_<model>/: int8_<mode>.pt
+(weights_only checkpoint, load with models.quantize.load_quantized), int8_<mode>.torchscript.pt
+(torch.jit.load), <mode>/ test reports, qat/ training log; rows method=ptq/qat go to results.csv.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data.loading import DataBundle
+from models.factory import model_from_checkpoint, resolve_model
+from models.quantize import (
+    BACKENDS, calibrate, convert, observers_paused, prepare, qat_schedule, save_quantized, save_torchscript, set_backend,
+)
+from models.stats import measure_latency, model_stats
+from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.cli import add_data_args, add_model_args, add_run_args, add_training_args, positive_int, run_cli
+from utils.distributed import Runtime, cleanup, setup_runtime
+from utils.engine import EvalOutput, evaluate
+from utils.errors import UserError
+from utils.io import save_json
+from utils.results import print_table
+from utils.workflow import create_run_dir, finetune, loaders, prepare_data, prepare_model, record, train
+
+SCRIPT = "quantization"
+CPU = Runtime(torch.device("cpu"))  # quantised kernels are CPU-only
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Quantise a fine-tuned StitchingNet classifier to INT8 (torch.ao FX graph mode) by post-training "
+                    "calibration (PTQ) and/or quantisation-aware fine-tuning (QAT), and record both in results.csv.",
+        epilog="Example: python quantization-train.py --checkpoint runs/main/<run>/best.pt --mode both --backend qnnpack",
+    )
+    parser.add_argument("--checkpoint", metavar="BEST_PT",
+                        help="FP32 checkpoint to quantise (its model, classes, image size and split are used); "
+                             "without it, --model is first fine-tuned exactly as main.py would")
+    add_model_args(parser)
+    group = parser.add_argument_group("quantisation")
+    group.add_argument("--mode", choices=("ptq", "qat", "both"), default="both", help="default: %(default)s")
+    group.add_argument("--backend", default="x86",
+                       help=f"quantised kernel set: {', '.join(BACKENDS)} (qnnpack = ARM, e.g. Raspberry Pi; default: %(default)s)")
+    group.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True,
+                       help="per-output-channel weight scales (default: on; off = one scale per tensor)")
+    group.add_argument("--calib-batches", type=positive_int, default=10,
+                       help="PTQ calibration batches of --batch-size training images, no augmentation (default: %(default)s)")
+    group.add_argument("--qat-epochs", type=positive_int, default=5,
+                       help="QAT fine-tuning epochs (--epochs/--lr are the FP32 fine-tune's; default: %(default)s)")
+    group.add_argument("--qat-lr", type=float, default=5e-5, help="QAT learning rate, all layers (default: %(default)s)")
+    group.add_argument("--observer-epochs", type=int, default=3,
+                       help="QAT: freeze activation/weight ranges from this epoch on (default: %(default)s)")
+    group.add_argument("--bn-freeze-epochs", type=int, default=2,
+                       help="QAT: freeze BatchNorm statistics from this epoch on (default: %(default)s)")
+    add_data_args(parser)
+    add_training_args(parser)
+    add_run_args(parser)
+    return parser
+
+
+def fp32_source(args: argparse.Namespace, runtime: Runtime) -> tuple[Path, dict, DataBundle, Path]:
+    """The FP32 checkpoint (given, or fine-tuned now), its data and the run folder."""
+    if args.checkpoint:
+        payload = load_checkpoint(args.checkpoint)
+        if "quantization" in payload["description"]:
+            raise CheckpointError(f"'{args.checkpoint}' is already INT8: pass the FP32 best.pt it was made from")
+        bundle = prepare_data(args, runtime, stored=payload["description"])
+        run_dir = create_run_dir(args.output_dir, SCRIPT, payload["description"]["model"], runtime)
+        return Path(args.checkpoint), payload, bundle, run_dir
+    spec = resolve_model(args.model, args.alpha)
+    bundle = prepare_data(args, runtime)
+    run_dir, _ = finetune(spec, bundle, args, runtime, script=SCRIPT)
+    return run_dir / "best.pt", load_checkpoint(run_dir / "best.pt"), bundle, run_dir
+
+
+def main(args: argparse.Namespace) -> None:
+    set_backend(args.backend)
+    runtime = setup_runtime(args.device, args.amp)
+    try:
+        if runtime.distributed:
+            raise UserError("quantization-train.py runs in one process: fine-tune with torchrun main.py, then pass --checkpoint")
+        quantize(args, runtime)
+    finally:
+        cleanup(runtime)
+
+
+def quantize(args: argparse.Namespace, runtime: Runtime) -> None:
+    checkpoint, payload, bundle, run_dir = fp32_source(args, runtime)
+    description = {**payload["description"], "img_size": args.img_size or payload["description"]["img_size"]}
+    img_size, num_classes = description["img_size"], len(bundle.class_names)
+    try:
+        fp32 = model_from_checkpoint(payload)
+    except RuntimeError as error:  # load_state_dict: weights of another architecture
+        raise CheckpointError(f"'{checkpoint}' holds weights that do not fit its FP32 description ({str(error).splitlines()[0]})") from None
+    data = loaders(bundle, description, args, CPU)
+    fp32_test = evaluate(fp32, data["test"], CPU, desc="test fp32")
+    stats = model_stats(fp32, img_size, num_classes)
+    int8_stats = {**stats, "size_mb": round(stats["params"] / 2**20, 4)}  # one byte per weight
+    summary = {"fp32": {"checkpoint": str(checkpoint), "test_acc": fp32_test.acc, "test_loss": fp32_test.loss,
+                        "file_mb": checkpoint.stat().st_size / 2**20, "latency_ms_1t": measure_latency(fp32, img_size)}}
+    settings = {"backend": args.backend, "per_channel": args.per_channel}
+    rows = []
+
+    def finish(int8: torch.nn.Module, method: str, epochs: int | str, **extra) -> None:
+        path = run_dir / f"int8_{method}.pt"
+        save_quantized(path, int8, payload, {**settings, "mode": method, **extra},
+                       {"script": SCRIPT, "method": method, "img_size": img_size, "fp32_checkpoint": str(checkpoint)})
+        save_torchscript(int8, run_dir / f"int8_{method}.torchscript.pt", img_size)
+        output = evaluate(int8, data["test"], CPU, desc=f"test {method}")
+        latency = measure_latency(int8, img_size)
+        row = record(output, bundle, description, run_dir, None, path, args.output_dir, SCRIPT, method, epochs=epochs,
+                     latency_ms=latency, stats=int8_stats, report_dir=run_dir / method)
+        rows.append(row)
+        summary[method] = {"checkpoint": str(path), "test_acc": output.acc, "test_loss": output.loss, "file_mb": row["file_mb"],
+                           "latency_ms_1t": latency, **extra}
+
+    if args.mode in ("ptq", "both"):
+        prepared = prepare(fp32, args.backend, img_size, args.per_channel)
+        plain = argparse.Namespace(**{**vars(args), "augment": 0})
+        used = calibrate(prepared, loaders(bundle, description, plain, CPU)["train"], args.calib_batches,
+                         args.calib_batches * args.batch_size)
+        finish(convert(prepared, img_size), "ptq", "", calibration_images=used)
+    if args.mode in ("qat", "both"):
+        epochs = train_qat(fp32, bundle, description, args, Runtime(runtime.device), run_dir / "qat", data["val"])
+        prepared = prepare(fp32, args.backend, img_size, args.per_channel, qat=True)
+        prepared.load_state_dict(load_checkpoint(run_dir / "qat" / "best.pt")["model"])
+        finish(convert(prepared, img_size), "qat", epochs, observer_epochs=args.observer_epochs,
+               bn_freeze_epochs=args.bn_freeze_epochs)
+    save_json(summary, run_dir / "summary.json")
+    print(f"FP32 {checkpoint}: test acc {fp32_test.acc:.4f}  file {summary['fp32']['file_mb']:.3f} MB  "
+          f"latency {summary['fp32']['latency_ms_1t']:.2f} ms (1 thread, same process)")
+    print_table(rows, ("model", "method", "test_acc", "test_loss", "macro_f1", "file_mb", "latency_ms_1t"))
+    print(f"INT8 models in {run_dir}")
+
+
+def train_qat(fp32: torch.nn.Module, bundle: DataBundle, description: dict, args: argparse.Namespace, runtime: Runtime,
+              qat_dir: Path, val_loader: DataLoader) -> int:
+    """Fine-tune with fake quantisation through the shared loop; the INT8 copy's val loss picks the best epoch."""
+    img_size = description["img_size"]
+    prepared = prepare_model(prepare(fp32, args.backend, img_size, args.per_channel, qat=True), runtime)
+    qat_args = argparse.Namespace(**{**vars(args), "epochs": args.qat_epochs, "lr": args.qat_lr, "lr_backbone": args.qat_lr})
+
+    def validate() -> EvalOutput:
+        with observers_paused(prepared):
+            fake = evaluate(prepared, val_loader, runtime, desc="val fake-quant")
+        int8 = evaluate(convert(prepared, img_size), val_loader, CPU, desc="val int8")
+        tqdm.write(f"  val fake-quant loss {fake.loss:.4f} acc {fake.acc:.4f} | converted INT8 loss {int8.loss:.4f} acc {int8.acc:.4f}")
+        return int8
+
+    qat_description = {**description, "script": SCRIPT, "method": "qat-fake-quant"}
+    result = train(prepared, bundle, qat_description, qat_args, runtime, qat_dir,
+                   before_epoch=qat_schedule(prepared, args.observer_epochs, args.bn_freeze_epochs), validate=validate)
+    return result.epochs_run
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())
