@@ -1,0 +1,132 @@
+"""Knowledge distillation: train a small student on a fine-tuned teacher's soft labels, and record it.
+
+The teacher is a checkpoint of this toolkit; its data, split, class list and image size are the
+defaults, so student and teacher are scored on the same test images.
+
+Single process:  python distill.py --teacher runs/main/<run>/best.pt --student mobilenetv3_small --alpha 0.5 --baseline
+Distributed:     torchrun --nproc_per_node 2 distill.py --teacher runs/main/<run>/best.pt ...
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from data.loading import DataBundle
+from models.factory import ModelSpec, create_model, data_config, model_from_checkpoint, resolve_model
+from utils.checkpoint import load_checkpoint
+from utils.cli import add_data_args, add_model_args, add_run_args, add_training_args, run_cli
+from utils.distillation import DistillationError, check_compatible, distillation_loss_fn, prepare_teacher
+from utils.distributed import Runtime, broadcast, cleanup, setup_runtime
+from utils.results import print_table
+from utils.workflow import finetune, prepare_data, test_predictions
+
+DEFAULT_STUDENT = "mobilenetv3_small_050"
+RUN_KEYS = ("metrics", "epoch", "val_loss", "val_acc", "teacher")  # a student checkpoint's keys that describe its own run
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Distil a fine-tuned teacher checkpoint into a small student (Hinton KD) and record the student "
+                    "like a main.py model (results method=kd; with --baseline also the student alone, method=fp32).",
+        epilog="Example: python distill.py --teacher runs/main/<run>/best.pt --student mobilenetv3_small --alpha 0.5 "
+               "--temperature 4 --kd-weight 0.9 --epochs 30 --baseline",
+    )
+    group = parser.add_argument_group("distillation")
+    group.add_argument("--teacher", required=True, metavar="CHECKPOINT",
+                       help="teacher checkpoint of this toolkit (e.g. runs/main/<run>/best.pt); its data root, split, "
+                            "class list and image size are the defaults")
+    group.add_argument("--student-checkpoint", metavar="CHECKPOINT",
+                       help="start the student from this checkpoint (fine-tuned or pruned) instead of --student/--alpha")
+    group.add_argument("--temperature", type=float, default=4.0, help="softmax temperature T of the soft labels (default: %(default)s)")
+    group.add_argument("--kd-weight", type=float, default=0.9,
+                       help="weight of the distillation term; 1 - it weighs the cross-entropy with the labels (default: %(default)s)")
+    group.add_argument("--baseline", action="store_true",
+                       help="also train the same student with the same seed and schedule without the teacher, "
+                            "so the KD gain is measured (results method=fp32)")
+    add_model_args(parser, default=DEFAULT_STUDENT, flag="--student")
+    add_data_args(parser)
+    add_training_args(parser)
+    add_run_args(parser)
+    return parser
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    if args.temperature <= 0:
+        raise DistillationError(f"--temperature must be > 0, got {args.temperature}")
+    if not 0 <= args.kd_weight <= 1:
+        raise DistillationError(f"--kd-weight must be between 0 and 1, got {args.kd_weight}")
+    if args.student_checkpoint and (args.model != DEFAULT_STUDENT or args.alpha is not None or args.weights):
+        raise DistillationError("--student-checkpoint replaces --student/--alpha/--weights: give one or the other")
+
+
+def student_starts(args: argparse.Namespace, teacher: dict) -> list[tuple[ModelSpec, dict | None]]:
+    """(spec, student checkpoint or None) for each student to distil."""
+    if args.student_checkpoint:
+        payload = load_checkpoint(args.student_checkpoint)
+        stored = payload["description"]
+        check_compatible(teacher, stored, args.img_size)
+        return [(ModelSpec(stored["model"], stored.get("family"), stored.get("alpha")), payload)]
+    check_compatible(teacher, None, args.img_size)
+    return [(resolve_model(name.strip(), args.alpha), None) for name in args.model.split(",") if name.strip()]
+
+
+def distil_student(spec: ModelSpec, payload: dict | None, teacher: torch.nn.Module, teacher_description: dict,
+                   teacher_info: dict, bundle: DataBundle, args: argparse.Namespace, runtime: Runtime) -> list[dict]:
+    """The KD run, then (with --baseline) the student alone from the same start; returns the rows (rank 0)."""
+    num_classes = len(bundle.class_names)
+    if payload is None:
+        norm = data_config(create_model(spec, num_classes, pretrained=False)[0])
+        inherit = {}
+    else:
+        norm = payload["description"]
+        inherit = {k: v for k, v in payload["description"].items() if k not in RUN_KEYS}
+    loss_fn = distillation_loss_fn(teacher, args.temperature, args.kd_weight, (norm["mean"], norm["std"]),
+                                   (teacher_description["mean"], teacher_description["std"]))
+    runs = [("kd", loss_fn, {**inherit, "teacher": teacher_info})] + ([("fp32", None, inherit)] if args.baseline else [])
+    rows = []
+    for method, run_loss_fn, run_inherit in runs:
+        start = (model_from_checkpoint(payload), True) if payload is not None else None
+        if runtime.is_main:
+            print(f"--- {spec.name}: {'with the teacher (kd)' if run_loss_fn else 'alone (baseline, fp32)'}")
+        _, row = finetune(spec, bundle, args, runtime, script="distill", loss_fn=run_loss_fn, method=method,
+                          start=start, inherit=run_inherit)
+        rows.append(row)
+    if runtime.is_main:
+        kd_acc = rows[0]["test_acc"]
+        line = f"{spec.name}: test acc with KD {kd_acc:.4f}, teacher {teacher_info['model']} {teacher_info['test_acc']:.4f}"
+        if args.baseline:
+            alone = rows[1]["test_acc"]
+            line += f", student alone {alone:.4f} (KD gain {100 * (kd_acc - alone):+.2f} points)"
+        print(line)
+    return rows
+
+
+def main(args: argparse.Namespace) -> None:
+    check_flags(args)
+    teacher_checkpoint = load_checkpoint(args.teacher)
+    teacher_description = teacher_checkpoint["description"]
+    students = student_starts(args, teacher_description)
+    args = argparse.Namespace(**{**vars(args), "img_size": teacher_description["img_size"]})
+    runtime = setup_runtime(args.device, args.amp)
+    try:
+        bundle = prepare_data(args, runtime, stored=teacher_description)
+        teacher = prepare_teacher(model_from_checkpoint(teacher_checkpoint), runtime)
+        teacher_acc = None
+        if runtime.is_main:
+            local = Runtime(runtime.device, amp_dtype=runtime.amp_dtype)
+            teacher_acc = test_predictions(teacher, bundle, teacher_description, args, local).acc
+            print(f"teacher {teacher_description['model']}: test acc {teacher_acc:.4f} ({args.teacher})")
+        teacher_info = {"checkpoint": str(args.teacher), "model": teacher_description["model"],
+                        "test_acc": broadcast(teacher_acc, runtime), "temperature": args.temperature, "kd_weight": args.kd_weight}
+        rows = []
+        for spec, payload in students:
+            rows += distil_student(spec, payload, teacher, teacher_description, teacher_info, bundle, args, runtime)
+        if runtime.is_main:
+            print_table(rows)
+    finally:
+        cleanup(runtime)
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())
