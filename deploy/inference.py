@@ -1,0 +1,79 @@
+"""Run any artifact behind the nn.Module call (so utils.engine.evaluate scores it), and load what predict needs."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from deploy.onnx_export import INPUT_NAME, OUTPUT_NAME, deploy_info, read_deploy_info
+from models.factory import model_from_checkpoint
+from utils.checkpoint import load_checkpoint
+from utils.errors import UserError
+from utils.io import atomic_path
+
+
+class ArtifactError(UserError):
+    """A model file given for inference cannot be used; the message says why."""
+
+
+def all_threads() -> int:
+    return os.cpu_count() or 1
+
+
+def ort_session(path: Path | str, threads: int = 1, optimized_model_filepath: str = "") -> ort.InferenceSession:
+    """CPU session with ``threads`` intra-op threads and all graph optimisations (ORT's default level);
+    ``optimized_model_filepath`` saves the graph ORT really runs (to see which ops stay float)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.optimized_model_filepath = optimized_model_filepath
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxModule(torch.nn.Module):
+    """An ONNX Runtime session that takes and returns torch tensors like the model it was exported from."""
+
+    def __init__(self, path: Path | str, threads: int = 1):
+        super().__init__()
+        self.session = ort_session(path, threads)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        array = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(self.session.run([OUTPUT_NAME], {INPUT_NAME: array})[0])
+
+
+def load_onnx_classifier(path: Path | str, threads: int = all_threads()) -> tuple[torch.nn.Module, dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"ONNX file '{path}' does not exist")
+    try:
+        info = read_deploy_info(onnx.load(path, load_external_data=False))
+        module = OnnxModule(path, threads)
+    except Exception as error:  # onnx/ORT raise many types for a file that is not a model
+        raise ArtifactError(f"'{path}' is not a readable ONNX model ({type(error).__name__}: {str(error).splitlines()[0]})") from None
+    if info is None:
+        raise ArtifactError(f"'{path}' has no class names or preprocessing metadata: export it with export.py")
+    return module, info
+
+
+def load_checkpoint_classifier(path: Path | str, threads: int = all_threads()) -> tuple[torch.nn.Module, dict]:
+    torch.set_num_threads(threads)
+    payload = load_checkpoint(path)
+    return model_from_checkpoint(payload), deploy_info(payload["description"])
+
+
+def export_torchscript(model: torch.nn.Module, description: dict, path: Path) -> torch.jit.ScriptModule:
+    """Traced and frozen FP32 TorchScript (portable: no x86-only fusions); the deploy info rides in extra files."""
+    size = description["img_size"]
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates TorchScript in favour of torch.export
+        scripted = torch.jit.freeze(torch.jit.trace(model.eval(), torch.zeros(1, 3, size, size)))
+        with atomic_path(path) as tmp:
+            torch.jit.save(scripted, str(tmp), _extra_files={"deploy_info.json": json.dumps(deploy_info(description))})
+    return scripted

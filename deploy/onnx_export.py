@@ -1,0 +1,115 @@
+"""Export a checkpoint's model to ONNX, check it against PyTorch, and quantise it statically for ONNX Runtime.
+
+The ONNX file carries what inference needs (class names, mean/std, input size) in its
+metadata, so ``predict.py --onnx model.onnx`` needs no checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+import torch
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+from utils.errors import UserError
+from utils.io import atomic_path
+
+INPUT_NAME = "input"  # float32 [batch, 3, img_size, img_size], normalised with the stored mean/std
+OUTPUT_NAME = "logits"  # float32 [batch, num_classes], softmax gives the class probabilities
+OPSET = 18  # the dynamo exporter's own opset: asking for 17 triggers a lossy down-conversion
+PARITY_TOLERANCE = 1e-4  # max |logit difference| allowed between PyTorch and ONNX Runtime FP32
+METADATA_KEY = "stitchdefect"
+DEPLOY_KEYS = ("model", "family", "alpha", "method", "num_classes", "class_names", "img_size", "mean", "std", "dataset")
+
+
+class ExportError(UserError):
+    """An exported artifact does not reproduce the PyTorch model."""
+
+
+def deploy_info(description: dict) -> dict:
+    """The part of a checkpoint description that inference needs."""
+    return {key: description.get(key) for key in DEPLOY_KEYS}
+
+
+def read_deploy_info(model: onnx.ModelProto) -> dict | None:
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            return json.loads(prop.value)
+    return None
+
+
+def _save_with_info(model: onnx.ModelProto, info: dict, path: Path) -> None:
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(info)})
+    with atomic_path(path) as tmp:
+        onnx.save_model(model, tmp)
+
+
+def export_onnx(model: torch.nn.Module, description: dict, path: Path) -> None:
+    """torch.onnx's dynamo exporter (torch 2.14's default), one self-contained file, dynamic batch axis."""
+    size = description["img_size"]
+    example = torch.zeros(2, 3, size, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model.eval(), (example,), dynamo=True, opset_version=OPSET, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+        )
+    _save_with_info(program.model_proto, deploy_info(description), path)
+
+
+def max_logit_difference(reference: torch.nn.Module, candidate: torch.nn.Module, inputs: torch.Tensor) -> float:
+    with torch.inference_mode():
+        return float((reference(inputs) - candidate(inputs)).abs().max())
+
+
+def check_parity(name: str, reference: torch.nn.Module, candidate: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Print the max |logit difference| per input set; raise ExportError above PARITY_TOLERANCE."""
+    differences = {label: max_logit_difference(reference, candidate, x) for label, x in inputs.items()}
+    shown = ", ".join(f"{label} {value:.2e}" for label, value in differences.items())
+    print(f"{name} vs PyTorch: max |logit diff| {shown} (tolerance {PARITY_TOLERANCE:g})")
+    if max(differences.values()) > PARITY_TOLERANCE:
+        raise ExportError(f"{name} differs from PyTorch by {max(differences.values()):.2e} > {PARITY_TOLERANCE:g}: "
+                          "the export is not faithful; report the model name")
+    return differences
+
+
+class ImageCalibration(CalibrationDataReader):
+    """Feeds preprocessed training images to ONNX Runtime's calibrator in small batches."""
+
+    def __init__(self, images: np.ndarray, batch_size: int = 16):
+        self.batches: Iterator[np.ndarray] = iter(np.array_split(images, max(1, len(images) // batch_size)))
+
+    def get_next(self) -> dict | None:
+        batch = next(self.batches, None)
+        return None if batch is None else {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
+
+
+def depthwise_conv_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of grouped (depthwise) Conv nodes, to keep them in FP32 via ``nodes_to_exclude``."""
+    names = []
+    for node in model.graph.node:
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if node.op_type == "Conv" and group > 1:
+            names.append(node.name)
+    return names
+
+
+def quantize_onnx(fp32_path: Path, int8_path: Path, calibration: np.ndarray, quant_format: QuantFormat = QuantFormat.QDQ,
+                  per_channel: bool = True, activation_type: QuantType = QuantType.QInt8,
+                  nodes_to_exclude: list[str] | None = None, op_types_to_quantize: list[str] | None = None) -> None:
+    """Static INT8 quantisation calibrated (MinMax) on ``calibration`` (N, 3, H, W float32); keeps the metadata."""
+    fp32 = onnx.load(fp32_path)
+    with tempfile.TemporaryDirectory() as scratch:
+        quantized_path = Path(scratch) / "int8.onnx"
+        quantize_static(
+            fp32, quantized_path, ImageCalibration(calibration), quant_format=quant_format, per_channel=per_channel,
+            activation_type=activation_type, weight_type=QuantType.QInt8, nodes_to_exclude=nodes_to_exclude,
+            op_types_to_quantize=op_types_to_quantize,
+        )
+        _save_with_info(onnx.load(quantized_path), read_deploy_info(fp32), int8_path)

@@ -1,0 +1,99 @@
+"""Classify image files with a checkpoint or an ONNX file: find the images, decode them as evaluation does, predict."""
+from __future__ import annotations
+
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data.images import read_image
+from data.scan import IMAGE_EXTENSIONS
+from data.stitchingnet import NORMAL_INDEX
+from data.transforms import Preprocess
+from utils.errors import UserError
+
+
+class NoImagesError(UserError):
+    """Nothing to classify among the given paths."""
+
+
+@dataclass
+class Prediction:
+    path: str
+    label: str
+    confidence: float
+    defect: bool
+    top_k: list[tuple[str, float]]
+
+    def to_dict(self, with_top_k: bool) -> dict:
+        row = {"path": self.path, "class": self.label, "confidence": round(self.confidence, 6), "defect": self.defect}
+        if with_top_k:
+            row["top_k"] = [{"class": name, "confidence": round(p, 6)} for name, p in self.top_k]
+        return row
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def find_images(paths: list[str]) -> list[Path]:
+    """Files as given, plus image-extension files under folders (recursively, sorted); missing paths warn."""
+    found: list[Path] = []
+    for text in paths:
+        path = Path(text)
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.is_file():
+            found.append(path)
+        else:
+            warn(f"'{path}' does not exist; skipped")
+    if not found:
+        raise NoImagesError(f"no image files found in {', '.join(paths)}: give image files or folders holding "
+                            f"{'/'.join(sorted(IMAGE_EXTENSIONS))} files")
+    return found
+
+
+def _decode(path: Path, size: int) -> np.ndarray | None:
+    try:
+        return np.array(read_image(path, size))  # writable copy, as in the evaluation cache
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        warn(f"skipping '{path}': not a readable image ({error})")
+        return None
+
+
+def predict(model: torch.nn.Module, info: dict, files: list[Path], top_k: int = 1, batch_size: int = 32) -> Iterator[Prediction]:
+    """Predictions in file order; unreadable files are skipped with a warning on stderr (all unreadable: NoImagesError)."""
+    preprocess = Preprocess(info["mean"], info["std"])
+    names = info["class_names"]
+    k = min(top_k, len(names))
+    readable = 0
+    with ThreadPoolExecutor() as pool, torch.inference_mode():
+        for start in range(0, len(files), batch_size):
+            chunk = files[start:start + batch_size]
+            decoded = [(path, image) for path, image in zip(chunk, pool.map(lambda p: _decode(p, info["img_size"]), chunk)) if image is not None]
+            readable += len(decoded)
+            if not decoded:
+                continue
+            probs = model(torch.stack([preprocess(image) for _, image in decoded])).float().softmax(1)
+            values, indices = probs.topk(k, dim=1)
+            for (path, _), top_values, top_indices in zip(decoded, values.tolist(), indices.tolist()):
+                yield Prediction(str(path), names[top_indices[0]], top_values[0], top_indices[0] != NORMAL_INDEX,
+                                 [(names[i], v) for i, v in zip(top_indices, top_values)])
+    if not readable:
+        raise NoImagesError(f"none of the {len(files)} files given could be read as an image")
+
+
+class Throughput:
+    """Images per second over the whole call (decoding included), for the summary."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+
+    def per_second(self, count: int) -> float:
+        return count / max(time.perf_counter() - self.started, 1e-9)

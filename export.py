@@ -1,0 +1,162 @@
+"""Export a checkpoint for edge CPUs: ONNX (FP32), ONNX Runtime static INT8, TorchScript; benchmark every artifact.
+
+    python export.py --checkpoint runs/main/<run>/best.pt --int8 --torchscript --benchmark
+
+Every exported file is checked against PyTorch (max |logit difference| printed), scored on the
+checkpoint's test split through ONNX Runtime, and recorded in results.csv (method onnx-fp32 / onnx-int8).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import platform
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import torch
+
+from data.loading import make_loader
+from data.transforms import Preprocess
+from deploy.benchmark import benchmark, format_table, time_runs, write_reports
+from deploy.inference import OnnxModule, all_threads, export_torchscript
+from deploy.onnx_export import check_parity, export_onnx, quantize_onnx
+from models.factory import model_from_checkpoint
+from models.stats import model_stats
+from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.cli import add_data_args, add_run_args, positive_int, run_cli
+from utils.distributed import Runtime
+from utils.engine import evaluate
+from utils.results import print_table
+from utils.workflow import create_run_dir, prepare_data, record
+
+PARITY_IMAGES = 16
+RESULT_LATENCY_RUNS = 100
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Export a checkpoint to ONNX (opset 18, dynamic batch axis, input 'input' [N,3,H,W] normalised "
+                    "float32, output 'logits' [N,classes]), optionally ONNX Runtime INT8 and TorchScript, and benchmark them.",
+        epilog="Example: python export.py --checkpoint runs/main/<run>/best.pt --int8 --torchscript --benchmark",
+    )
+    parser.add_argument("--checkpoint", required=True, metavar="FILE",
+                        help="best.pt of a main.py, prune.py or distill.py run (the FP32 weights; a QAT model's INT8 "
+                             "TorchScript file goes to --torch-int8)")
+    parser.add_argument("--out", metavar="FILE.onnx",
+                        help="FP32 ONNX path; INT8 goes to <stem>.int8.onnx, TorchScript to <stem>.torchscript.pt "
+                             "(default: <output-dir>/export/<timestamp>_<model>/model.onnx)")
+    parser.add_argument("--int8", action="store_true",
+                        help="also write an ONNX Runtime static INT8 model (QDQ, per-channel weights, calibrated on training images)")
+    parser.add_argument("--calibration-images", type=positive_int, default=200, metavar="N",
+                        help="training-split images used to calibrate INT8 activation ranges (default: %(default)s)")
+    parser.add_argument("--torchscript", action="store_true", help="also write a traced, frozen FP32 TorchScript model")
+    parser.add_argument("--benchmark", action="store_true",
+                        help="time every artifact in this process on the same inputs: batch-1 median/p90 at 1 and all "
+                             "threads, batch-32 throughput; writes benchmark.csv and benchmark.md beside the ONNX file")
+    parser.add_argument("--torch-int8", metavar="FILE",
+                        help="with --benchmark: a PyTorch INT8 TorchScript file of this checkpoint (from quantization-train.py)")
+    parser.add_argument("--runs", type=positive_int, default=200, help="timed batch-1 runs per artifact and thread count (default: %(default)s)")
+    add_data_args(parser)
+    add_run_args(parser)
+    return parser
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def ort_latency_ms(path: Path, img_size: int) -> float:
+    """Median batch-1 latency of an ONNX file with ONNX Runtime at 1 thread (the results table's latency_ms_1t)."""
+    times = time_runs(OnnxModule(path, threads=1), torch.randn(1, 3, img_size, img_size), RESULT_LATENCY_RUNS, 10)
+    return float(np.median(times) * 1000)
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.torch_int8 and not args.benchmark:
+        raise CheckpointError("--torch-int8 is only used by --benchmark: add --benchmark")
+    payload = load_checkpoint(args.checkpoint)
+    if "quantization" in payload["description"] or payload["description"].get("method") == "qat-fake-quant":
+        raise CheckpointError(
+            f"'{args.checkpoint}' is a PyTorch INT8 checkpoint: export its FP32 source "
+            f"({payload['description'].get('fp32_checkpoint', 'the best.pt it was quantised from')}) with --int8, and benchmark "
+            "the INT8 file with --torch-int8 <run>/int8_<mode>.torchscript.pt")
+    model = model_from_checkpoint(payload)
+    description = {**payload["description"], "img_size": args.img_size or payload["description"]["img_size"]}
+    size, mean, std = description["img_size"], description["mean"], description["std"]
+    runtime = Runtime(torch.device("cpu"))
+    bundle = prepare_data(args, runtime, stored=description)
+    preprocess = Preprocess(mean, std)
+    test_loader = make_loader(bundle.parts["test"], preprocess, batch_size=64, workers=args.workers, train=False, seed=args.seed)
+    real = torch.stack([preprocess(image) for image in bundle.parts["test"].images[:PARITY_IMAGES]])
+    parity_inputs = {"random": torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(args.seed)), "real": real}
+
+    run_dir = create_run_dir(args.output_dir, "export", description["model"], runtime)
+    fp32_path = Path(args.out) if args.out else run_dir / "model.onnx"
+    stats = model_stats(model, size, len(bundle.class_names))
+    rows = []
+
+    export_onnx(model, description, fp32_path)
+    check_parity("ONNX Runtime FP32", model, OnnxModule(fp32_path), parity_inputs)
+    rows.append(score(fp32_path, "onnx-fp32", run_dir, test_loader, bundle, description, stats, args))
+    artifacts = {"pytorch-eager-fp32": lambda threads: model}
+
+    if args.torchscript:
+        scripted_path = fp32_path.with_suffix(".torchscript.pt")
+        scripted = export_torchscript(model, description, scripted_path)
+        check_parity("TorchScript FP32", model, scripted, parity_inputs)
+        print(f"TorchScript FP32: {scripted_path}")
+        artifacts["torchscript-fp32"] = lambda threads: scripted
+    if args.torch_int8:
+        artifacts["pytorch-int8"] = load_torch_int8(args.torch_int8)
+    artifacts["onnxruntime-fp32"] = lambda threads: OnnxModule(fp32_path, threads)
+
+    if args.int8:
+        int8_path = fp32_path.with_suffix(".int8.onnx")
+        train_images = bundle.parts["train"].images
+        chosen = np.random.default_rng(args.seed).permutation(len(train_images))[:args.calibration_images]
+        calibration = torch.stack([preprocess(train_images[i]) for i in chosen]).numpy()
+        quantize_onnx(fp32_path, int8_path, calibration)
+        rows.append(score(int8_path, "onnx-int8", run_dir, test_loader, bundle, description, stats, args))
+        artifacts["onnxruntime-int8"] = lambda threads: OnnxModule(int8_path, threads)
+
+    print_table(rows)
+    if args.benchmark:
+        print(f"benchmark: {len(artifacts)} artifacts, {args.runs} runs each at 1 and {all_threads()} threads ...")
+        timings = benchmark(artifacts, size, runs=args.runs, warmup=min(20, args.runs))
+        print(format_table(timings))
+        context = (f"{description['model']} at {size} px, {len(bundle.class_names)} classes; batch-1 latency over {args.runs} runs "
+                   f"after warm-up, batch-32 throughput over 10 runs; CPU {cpu_name()}, {all_threads()} logical cores; "
+                   f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; {dt.date.today().isoformat()}")
+        write_reports(timings, fp32_path.parent / "benchmark.csv", fp32_path.parent / "benchmark.md", context)
+        print(f"benchmark written to {fp32_path.parent / 'benchmark.csv'} and benchmark.md")
+
+
+def score(path: Path, method: str, run_dir: Path, test_loader, bundle, description: dict, stats: dict, args: argparse.Namespace) -> dict:
+    """Test-split accuracy through ONNX Runtime, written as a results row like every other model's (report in run_dir/method)."""
+    output = evaluate(OnnxModule(path, all_threads()), test_loader, Runtime(torch.device("cpu")), desc=method)
+    row = record(output, bundle, description, run_dir, None, path, args.output_dir, "export", method,
+                 latency_ms=ort_latency_ms(path, description["img_size"]), stats=stats, report_dir=run_dir / method)
+    print(f"{method}: {path} ({row['file_mb']} MB), test acc {row['test_acc']:.4f}, {row['latency_ms_1t']:.2f} ms at 1 thread")
+    return row
+
+
+def load_torch_int8(path: str):
+    """Builder for a PyTorch INT8 TorchScript file (its quantised kernels come from torch.backends.quantized.engine)."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"--torch-int8 file '{path}' does not exist")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.load(path, map_location="cpu").eval()
+    return lambda threads: scripted
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())

@@ -1,0 +1,134 @@
+"""Structured channel pruning of a trained checkpoint (Torch-Pruning DepGraph), then fine-tuning.
+
+Whole channels leave every coupled layer group, so the dense model really gets smaller and faster:
+    python prune.py --checkpoint runs/main/<run>/best.pt --target-flops 50% --importance l1
+    python prune.py --checkpoint runs/main/<run>/best.pt --ratio 0.3 --global --iterative-steps 3
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+
+from models.factory import model_from_checkpoint
+from models.pruning import IMPORTANCES, ChannelPruner, PruneConfig, PruningError, architecture, parse_flops
+from models.stats import count_flops, measure_latency, model_stats
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.cli import add_data_args, add_run_args, add_training_args, positive_int, run_cli
+from utils.distributed import setup_runtime
+from utils.engine import evaluate
+from utils.io import save_json
+from utils.metrics import classification_metrics
+from utils.results import print_table
+from utils.workflow import create_run_dir, describe, loaders, prepare_data, prepare_model, record, seed_everything, train
+
+TAYLOR_BATCHES = 4  # training batches whose loss gradients score channels for --importance taylor
+
+
+def pruning_ratio(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return value
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Remove whole channels from a trained model (Torch-Pruning dependency graph), fine-tune it, "
+                    "and record its accuracy, FLOPs, params and latency next to the unpruned model.",
+        epilog="Example: python prune.py --checkpoint runs/main/<run>/best.pt --target-flops 50%% --epochs 10",
+    )
+    parser.add_argument("--checkpoint", required=True, help="a trained checkpoint (main.py's best.pt, or an already pruned one)")
+    amount = parser.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--ratio", type=pruning_ratio,
+                        help="fraction of the channels removed from each prunable layer group (Torch-Pruning's "
+                             "pruning_ratio); FLOPs fall faster, e.g. 0.3 leaves about half")
+    amount.add_argument("--target-flops", metavar="FLOPS",
+                        help="prune until the model's fvcore FLOPs reach this: 30M, 1.5G, 800k, or a share of the "
+                             "current FLOPs such as 50%%")
+    parser.add_argument("--importance", choices=list(IMPORTANCES), default="l1",
+                        help="channel score: l1/l2 weight norm, taylor (first-order loss change, from "
+                             f"{TAYLOR_BATCHES} training batches), bn-scale (BatchNorm gamma), random (default: %(default)s)")
+    parser.add_argument("--global", dest="global_pruning", action="store_true",
+                        help="rank channels across all layers (some layers shrink more than others, none by more than "
+                             "90%%) instead of the same ratio in every layer")
+    parser.add_argument("--iterative-steps", type=positive_int, default=1, metavar="K",
+                        help="prune in K rounds, fine-tuning after each (default: %(default)s, one shot)")
+    parser.add_argument("--round-to", type=positive_int, metavar="N",
+                        help="keep channel counts multiples of N (e.g. 8 for SIMD-friendly layers)")
+    add_data_args(parser)
+    add_training_args(parser, epochs=30)
+    parser.add_argument("--finetune-epochs", dest="epochs", type=positive_int, default=argparse.SUPPRESS, metavar="E",
+                        help="same as --epochs: fine-tuning epochs after each pruning round, early stopping with --patience")
+    add_run_args(parser)
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    checkpoint = load_checkpoint(args.checkpoint)
+    stored = checkpoint["description"]
+    runtime = setup_runtime(args.device, args.amp)
+    if runtime.distributed:
+        raise PruningError("prune.py runs in one process: start it with python, not torchrun")
+    seed_everything(args.seed)
+    model = model_from_checkpoint(checkpoint)
+    unpruned = copy.deepcopy(model)
+    img_size = args.img_size or stored["img_size"]
+    base_flops = count_flops(model, img_size)
+    config = PruneConfig(
+        args.importance, args.global_pruning, args.iterative_steps, args.round_to, args.ratio,
+        parse_flops(args.target_flops, base_flops) if args.target_flops else None,
+    )
+    bundle = prepare_data(args, runtime, stored=stored)
+    spec = {"model": stored["model"], "family": stored.get("family"), "alpha": stored.get("alpha")}
+    description = describe("prune", "prune", spec, bundle, img_size, stored["mean"], stored["std"],
+                           pretrained=stored["pretrained"], args=args)
+    data = loaders(bundle, description, args, runtime)
+    batches = [batch for batch, _ in zip(data["train"], range(TAYLOR_BATCHES))] if args.importance == "taylor" else []
+    pruner = ChannelPruner(model, img_size, config, batches)  # checks --target-flops before any training
+    run_dir = create_run_dir(args.output_dir, "prune", stored["model"], runtime)
+    save_json(bundle.split, run_dir / "split.json")
+    base_val = evaluate(model, data["val"], runtime, desc="val")
+    print(f"{stored['model']}: {base_flops:,} FLOPs, val acc {base_val.acc:.4f} before pruning; run folder {run_dir}")
+
+    rounds, epochs_run = [], 0
+    for index in range(1, config.steps + 1):
+        flops = pruner.step(index)
+        pruned_val = evaluate(model, data["val"], runtime, desc="val")
+        rounds.append({"round": index, "flops": flops, "flops_share": round(flops / base_flops, 4), "val_acc_pruned": pruned_val.acc})
+        print(f"round {index}/{config.steps}: {flops:,} FLOPs ({flops / base_flops:.1%} of the unpruned), "
+              f"val acc {pruned_val.acc:.4f} before fine-tuning")
+        final = index == config.steps
+        if final:
+            test_before = evaluate(model, data["test"], runtime, desc="test").acc
+            print(f"test acc {test_before:.4f} before fine-tuning")
+        round_dir = run_dir if final else run_dir / f"round{index}"
+        round_dir.mkdir(exist_ok=True)
+        description["pruned"] = {**config.describe(), "base_flops": base_flops, "architecture": architecture(model)}
+        epochs_run += train(prepare_model(model, runtime), bundle, description, args, runtime, round_dir).epochs_run
+        model.load_state_dict(load_checkpoint(round_dir / "best.pt")["model"])
+        rounds[-1]["val_acc_finetuned"] = evaluate(model, data["val"], runtime, desc="val").acc
+
+    best_path = run_dir / "best.pt"
+    output = evaluate(model, data["test"], runtime, desc="test")
+    metrics = {**classification_metrics(output.targets, output.preds, len(bundle.class_names)), "loss": output.loss}
+    best = load_checkpoint(best_path)
+    save_checkpoint(best_path, best["model"], {**best["description"], "metrics": metrics})
+    unpruned_ms = measure_latency(prepare_model(unpruned, runtime), img_size)  # same process, same memory format
+    pruned_ms = measure_latency(model, img_size)
+    row = record(output, bundle, description, run_dir, model, best_path, args.output_dir, "prune", "prune",
+                 epochs=epochs_run, latency_ms=pruned_ms)
+    save_json({
+        "unpruned": {**model_stats(unpruned, img_size, len(bundle.class_names)), "latency_ms_1t": unpruned_ms,
+                     "val_acc": base_val.acc, "checkpoint": str(args.checkpoint)},
+        "pruned": {key: row[key] for key in ("params", "flops", "size_mb", "latency_ms_1t", "test_acc", "defect_recall")}
+                  | {"test_acc_before_finetuning": test_before},
+        "config": config.describe(), "rounds": rounds,
+    }, run_dir / "pruning.json")
+    print(f"test acc {row['test_acc']:.4f} after fine-tuning ({test_before:.4f} before); "
+          f"{row['flops']:,} FLOPs ({row['flops'] / base_flops:.1%}), {row['params']:,} params; "
+          f"1-thread latency {pruned_ms:.2f} ms vs {unpruned_ms:.2f} ms unpruned")
+    print_table([row])
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())

@@ -1,0 +1,101 @@
+"""Synthetic StitchingNet generator: layout, counts, determinism, caching and CLI errors."""
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from data.stitchingnet import CLASSES, FABRICS, class_folder
+from data.synthetic import GENERATOR_VERSION, MARKER, REAL_TOTAL, ensure_synthetic, generate, plan_counts, render_image
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 32
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.jpg"))}
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny set (1 image per fabric x class) made through the cache entry point."""
+    return ensure_synthetic(tmp_path_factory.mktemp("cache"), per_class=1, seed=3, img_size=SIZE, workers=2, progress=False)
+
+
+def test_layout_names_and_counts(cached: Path) -> None:
+    assert cached.name == f"synthetic-v{GENERATOR_VERSION}-n1-s3-{SIZE}px"
+    assert sorted(p.name for p in cached.iterdir() if p.is_dir()) == sorted(FABRICS.values())
+    for letter, fabric in FABRICS.items():
+        assert sorted(p.name for p in (cached / fabric).iterdir()) == sorted(class_folder(c) for c in range(len(CLASSES)))
+        for c in range(len(CLASSES)):
+            assert [p.name for p in (cached / fabric / class_folder(c)).iterdir()] == [f"{letter}_{c:02d}_0000.jpg"]
+    assert not list(cached.rglob("*.tmp"))
+
+
+def test_images_are_rgb_jpegs_of_requested_size(cached: Path) -> None:
+    for path in cached.rglob("*.jpg"):
+        with Image.open(path) as image:
+            assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (SIZE, SIZE))
+
+
+def test_same_seed_is_byte_identical_whatever_the_process(cached: Path) -> None:
+    """Files written by two worker processes equal a re-render in this process, JPEG bytes included."""
+    for fabric, c in [("A", 0), ("C", 3), ("E", 7), ("H", 9), ("K", 10)]:
+        image, quality = render_image(3, fabric, c, 0, SIZE)
+        again = io.BytesIO()
+        image.save(again, format="JPEG", quality=quality)
+        assert again.getvalue() == (cached / FABRICS[fabric] / class_folder(c) / f"{fabric}_{c:02d}_0000.jpg").read_bytes()
+
+
+def test_regenerating_gives_identical_files(cached: Path, tmp_path: Path) -> None:
+    assert generate(tmp_path, per_class=1, seed=3, img_size=SIZE, workers=2, progress=False) == 121
+    assert files(tmp_path) == files(cached)
+
+
+def test_other_seed_differs() -> None:
+    for fabric, c in [("A", 0), ("E", 7), ("K", 10)]:
+        a, _ = render_image(3, fabric, c, 0, SIZE)
+        b, _ = render_image(4, fabric, c, 0, SIZE)
+        assert a.tobytes() != b.tobytes()
+
+
+def test_classes_differ_within_a_fabric() -> None:
+    images = {render_image(0, "B", c, 0, SIZE)[0].tobytes() for c in range(len(CLASSES))}
+    assert len(images) == len(CLASSES)
+
+
+def test_cache_is_reused(cached: Path) -> None:
+    marker = cached / MARKER
+    before = {p: p.stat().st_mtime_ns for p in cached.rglob("*") if p.is_file()}
+    assert ensure_synthetic(cached.parent, per_class=1, seed=3, img_size=SIZE, workers=2, progress=False) == cached
+    assert {p: p.stat().st_mtime_ns for p in cached.rglob("*") if p.is_file()} == before
+    assert marker.exists()
+
+
+def test_like_stitchingnet_plan_matches_real_size() -> None:
+    plan = plan_counts(like_stitchingnet=True)
+    assert sum(plan.values()) == REAL_TOTAL == 14_565
+    assert set(plan) == {(f, c) for f in FABRICS for c in range(len(CLASSES))}
+    assert all(plan[f, 0] == 221 for f in FABRICS)
+    defects = [n for (f, c), n in plan.items() if c]
+    assert max(defects) - min(defects) <= 1
+    assert plan == plan_counts(like_stitchingnet=True)
+
+
+def test_per_class_plan() -> None:
+    assert set(plan_counts(False, 2).values()) == {2}
+    with pytest.raises(ValueError):
+        plan_counts(False, 0)
+
+
+@pytest.mark.parametrize("args", [["--out", "x"], ["--out", "x", "--per-class", "0"], ["--per-class", "2"], []])
+def test_cli_bad_arguments_fail_with_one_error_line(args: list[str]) -> None:
+    run = subprocess.run([sys.executable, "-m", "data.synthetic", *args], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 2
+    errors = [line for line in run.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in run.stderr
+    assert run.stderr.rstrip().splitlines()[-1] == errors[0]
