@@ -9,7 +9,9 @@ from typing import Callable
 from data.transforms import AUGMENT_VERSIONS
 from utils.errors import UserError
 
-DEFAULT_WORKERS = max(0, min(4, (os.cpu_count() or 1) - 1))
+# On 2 cores a worker process steals the cores the train step needs: 85% vs 68% of the step
+# rate end to end (docs/benchmarks.md), so load in the main process there.
+DEFAULT_WORKERS = 0 if (os.cpu_count() or 1) <= 2 else min(4, (os.cpu_count() or 1) // 2)
 
 
 def positive_int(text: str) -> int:
