@@ -19,11 +19,11 @@ import torch
 
 from data.loading import make_loader
 from data.transforms import Preprocess
-from deploy.benchmark import benchmark, format_table, time_runs, write_reports
+from deploy.benchmark import benchmark, format_table, write_reports
 from deploy.inference import OnnxModule, all_threads, export_torchscript
 from deploy.onnx_export import check_parity, export_onnx, quantize_onnx
 from models.factory import model_from_checkpoint
-from models.stats import model_stats
+from models.stats import model_stats, time_runs
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.cli import add_data_args, add_run_args, positive_int, run_cli
 from utils.distributed import Runtime

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 
 from deploy.inference import all_threads
+from models.stats import time_runs
 from utils.io import atomic_open
 
 # name -> builder(threads) returning the model to time; builders set their own thread count
@@ -27,18 +27,6 @@ class Timing:
     p90_ms_all: float
     throughput_b32: float  # images/s at batch 32, all threads
     speedup_1t: float  # PyTorch eager FP32 median / this median, batch 1, 1 thread
-
-
-def time_runs(model: torch.nn.Module, inputs: torch.Tensor, runs: int, warmup: int) -> list[float]:
-    """Seconds per call after ``warmup`` untimed calls."""
-    times = []
-    with torch.inference_mode():
-        for i in range(warmup + runs):
-            start = time.perf_counter()
-            model(inputs)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return times
 
 
 def _at_threads(build: Callable[[int], torch.nn.Module], threads: int) -> torch.nn.Module:

@@ -7,6 +7,7 @@ import statistics
 import time
 import warnings
 from functools import lru_cache
+from typing import Callable
 
 import torch
 
@@ -56,20 +57,24 @@ def model_stats(model: torch.nn.Module, img_size: int, num_classes: int) -> dict
     }
 
 
+def time_runs(model: Callable[[torch.Tensor], object], inputs: torch.Tensor, runs: int, warmup: int) -> list[float]:
+    """Seconds per call after ``warmup`` untimed calls (any callable: eager, TorchScript, ONNX Runtime)."""
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + runs):
+            start = time.perf_counter()
+            model(inputs)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    return times
+
+
 def measure_latency(model: torch.nn.Module, img_size: int, threads: int = 1, runs: int = 100, warmup: int = 10) -> float:
     """Median batch-1 CPU latency in ms with ``threads`` intra-op threads."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        model = model.cpu().eval()
-        x = torch.randn(1, 3, img_size, img_size)
-        times = []
-        with torch.inference_mode():
-            for i in range(warmup + runs):
-                start = time.perf_counter()
-                model(x)
-                if i >= warmup:
-                    times.append(time.perf_counter() - start)
+        times = time_runs(model.cpu().eval(), torch.randn(1, 3, img_size, img_size), runs, warmup)
         return statistics.median(times) * 1000
     finally:
         torch.set_num_threads(previous)
