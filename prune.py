@@ -12,14 +12,14 @@ import copy
 from models.factory import model_from_checkpoint
 from models.pruning import IMPORTANCES, ChannelPruner, PruneConfig, PruningError, architecture, parse_flops
 from models.stats import count_flops, measure_latency, model_stats
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.checkpoint import load_checkpoint
 from utils.cli import add_data_args, add_run_args, add_training_args, positive_int, run_cli
 from utils.distributed import setup_runtime
 from utils.engine import evaluate
 from utils.io import save_json
-from utils.metrics import classification_metrics
 from utils.results import print_table
-from utils.workflow import create_run_dir, describe, loaders, prepare_data, prepare_model, record, seed_everything, train
+from utils.workflow import (create_run_dir, describe, loaders, prepare_data, prepare_model, record, seed_everything,
+                            stamp_metrics, train)
 
 TAYLOR_BATCHES = 4  # training batches whose loss gradients score channels for --importance taylor
 
@@ -110,9 +110,7 @@ def main(args: argparse.Namespace) -> None:
 
     best_path = run_dir / "best.pt"
     output = evaluate(model, data["test"], runtime, desc="test")
-    metrics = {**classification_metrics(output.targets, output.preds, len(bundle.class_names)), "loss": output.loss}
-    best = load_checkpoint(best_path)
-    save_checkpoint(best_path, best["model"], {**best["description"], "metrics": metrics})
+    stamp_metrics(best_path, output, len(bundle.class_names))
     unpruned_ms = measure_latency(prepare_model(unpruned, runtime), img_size)  # same process, same memory format
     pruned_ms = measure_latency(model, img_size)
     row = record(output, bundle, description, run_dir, model, best_path, args.output_dir, "prune", "prune",

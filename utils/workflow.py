@@ -145,6 +145,16 @@ def test_predictions(model: torch.nn.Module, bundle: DataBundle, description: di
     return evaluate(model, loaders(bundle, description, args, runtime)["test"], runtime, desc="test")
 
 
+def test_metrics(output: EvalOutput, num_classes: int) -> dict:
+    return {**classification_metrics(output.targets, output.preds, num_classes), "loss": output.loss}
+
+
+def stamp_metrics(checkpoint: Path, output: EvalOutput, num_classes: int) -> None:
+    """Re-save a best.pt with its test metrics, so the checkpoint describes itself completely."""
+    best = load_checkpoint(checkpoint)
+    save_checkpoint(checkpoint, best["model"], {**best["description"], "metrics": test_metrics(output, num_classes)})
+
+
 def record(output: EvalOutput, bundle: DataBundle, description: dict, run_dir: Path, model_for_cost: torch.nn.Module | None,
            checkpoint: Path, output_dir: str | Path, script: str, method: str, epochs: int | str = "",
            latency_ms: float | None = None, stats: dict | None = None, report_dir: Path | None = None) -> dict:
@@ -155,8 +165,7 @@ def record(output: EvalOutput, bundle: DataBundle, description: dict, run_dir: P
     reports of several methods of one run apart (e.g. ``<run>/ptq``, ``<run>/qat``).
     """
     num_classes = len(bundle.class_names)
-    metrics = classification_metrics(output.targets, output.preds, num_classes)
-    metrics["loss"] = output.loss
+    metrics = test_metrics(output, num_classes)
     write_test_report(report_dir or run_dir, output.targets, output.preds, output.probs, bundle.parts["test"].paths, bundle.class_names, metrics)
     img_size = description["img_size"]
     if stats is None:
@@ -222,8 +231,7 @@ def finetune(spec: ModelSpec, bundle: DataBundle, args: argparse.Namespace, runt
     if runtime.is_main:
         local = Runtime(runtime.device, amp_dtype=runtime.amp_dtype)
         output = test_predictions(net, bundle, description, args, local)
-        metrics = {**classification_metrics(output.targets, output.preds, num_classes), "loss": output.loss}
-        save_checkpoint(best_path, best["model"], {**best["description"], "metrics": metrics})
+        stamp_metrics(best_path, output, num_classes)
         row = record(output, bundle, description, run_dir, net, best_path, args.output_dir, script, method, epochs=result.epochs_run)
         print(f"test acc {row['test_acc']:.4f}  loss {row['test_loss']:.4f}  defect recall {row['defect_recall']:.4f}  "
               f"false alarms {row['false_alarm_rate']:.4f}  (best epoch {result.best_epoch + 1})")
