@@ -146,7 +146,8 @@ def train_qat(fp32: torch.nn.Module, bundle: DataBundle, description: dict, args
     """Fine-tune with fake quantisation through the shared loop; the INT8 copy's val loss picks the best epoch."""
     img_size = description["img_size"]
     prepared = prepare_model(prepare(fp32, args.backend, img_size, args.per_channel, qat=True), runtime)
-    qat_args = argparse.Namespace(**{**vars(args), "epochs": args.qat_epochs, "lr": args.qat_lr, "lr_backbone": args.qat_lr})
+    qat_args = argparse.Namespace(**{**vars(args), "epochs": args.qat_epochs, "lr": args.qat_lr, "lr_backbone": args.qat_lr,
+                                     "warmup_epochs": 0})
 
     def validate() -> EvalOutput:
         with observers_paused(prepared):

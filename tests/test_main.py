@@ -1,6 +1,7 @@
 """main.py end to end: outputs, results table, resume after a kill, DDP, and clear errors."""
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import multiprocessing
@@ -16,7 +17,9 @@ import torch
 
 from conftest import ROOT, TINY_TRAIN, run_script
 from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.errors import UserError
 from utils.results import COLUMNS, append_result, read_rows
+from utils.workflow import build_optimizer
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
@@ -151,3 +154,18 @@ def test_diverging_loss_stops_with_a_clear_message(tiny_dataset, tmp_path):
     result = cli("main.py", *TINY_TRAIN, "--data-root", tiny_dataset, "--epochs", "3", "--lr", "1e30", "--output-dir", tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "loss became" in result.stderr
+
+
+def test_warmup_ramps_the_learning_rate_linearly_then_decays():
+    model = torch.nn.Linear(4, 11)
+    args = argparse.Namespace(lr=3e-3, lr_backbone=None, weight_decay=0.0, epochs=5, warmup_epochs=2)
+    optimizer, scheduler = build_optimizer(model, args, pretrained=False)
+    rates = []
+    for _ in range(args.epochs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:3] == pytest.approx([1e-3, 2e-3, 3e-3])
+    assert rates[3] < rates[2] and rates[4] < rates[3]
+    with pytest.raises(UserError, match="--warmup-epochs"):
+        build_optimizer(model, argparse.Namespace(**{**vars(args), "warmup_epochs": 5}), pretrained=False)

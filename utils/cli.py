@@ -21,6 +21,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
+    return value
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--data-root",
@@ -66,6 +73,9 @@ def add_training_args(parser: argparse.ArgumentParser, epochs: int = 100, lr: fl
     group.add_argument("--lr-backbone", type=float,
                        help="learning rate of the backbone (default: 1e-4 when pretrained weights were loaded, else --lr)")
     group.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: %(default)s)")
+    group.add_argument("--warmup-epochs", type=non_negative_int, default=0,
+                       help="linear learning-rate warm-up before the cosine decay; 2-3 helps from random init, where "
+                            "small nets can otherwise stall at predicting the class prior (default: %(default)s)")
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:

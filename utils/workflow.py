@@ -18,6 +18,7 @@ from models.stats import measure_latency, model_stats
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.distributed import Runtime, barrier, broadcast
 from utils.engine import EvalOutput, FitConfig, FitResult, LossFn, evaluate, fit, unwrap
+from utils.errors import UserError
 from utils.io import save_json
 from utils.metrics import classification_metrics, write_test_report
 from utils.results import append_result
@@ -100,7 +101,7 @@ def describe(script: str, method: str, spec_dict: dict, bundle: DataBundle, img_
 
 
 def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, pretrained: bool) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW, higher LR for the new head than for a pretrained backbone, cosine over the epochs."""
+    """AdamW, higher LR for the new head than for a pretrained backbone, optional linear warm-up, then cosine."""
     lr_backbone = args.lr_backbone if args.lr_backbone is not None else (1e-4 if pretrained else args.lr)
     head = head_parameters(unwrap(model))
     groups = [
@@ -108,7 +109,14 @@ def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, pretrained
         {"params": [p for p in model.parameters() if id(p) not in head], "lr": lr_backbone},
     ]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=args.weight_decay)
-    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    warmup = getattr(args, "warmup_epochs", 0)  # runs saved before the flag existed have none
+    if warmup >= args.epochs:
+        raise UserError(f"--warmup-epochs ({warmup}) must be smaller than --epochs ({args.epochs})")
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs - warmup)
+    if not warmup:
+        return optimizer, cosine
+    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / (warmup + 1), total_iters=warmup)
+    return optimizer, torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
 
 
 def loaders(bundle: DataBundle, description: dict, args: argparse.Namespace, runtime: Runtime) -> dict:
