@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("runs", type=Path, help="an --output-dir of the toolkit's scripts")
     parser.add_argument("--img-size", type=int, default=224, help="input size (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default: %(default)s)")
-    parser.add_argument("--runs", dest="repeats", type=int, default=300, help="timed calls per model (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=300, help="timed calls per model (default: %(default)s)")
     args = parser.parse_args()
     items = checkpoints(args.runs)
     if not items:

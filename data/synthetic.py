@@ -30,7 +30,7 @@ _S = 224  # working resolution; other --img-size values are resized from it
 _M = 16  # canvas margin, so warped pixels near the border still find fabric
 _C = _S + 2 * _M
 _SS = 2  # supersampling of drawn threads (anti-aliasing)
-# Seams as close up as in the real photographs (thread ~4-7 px wide at 224) and no defect so faint that it
+# Seams as close up as in the real photographs (thread 3-7.5 px wide at 224) and no defect so faint that it
 # vanishes at the 64-128 px inputs used on CPUs: v1 drew thinner seams and fainter defects, and models
 # trained from scratch on it stayed near chance (docs/synthetic.md, learnability).
 _SEAM_SCALE = 2.5

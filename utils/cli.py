@@ -87,10 +87,18 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--output-dir", default="runs", help="run folders and results.csv go here (default: %(default)s)")
 
 
+def check_schedule(args: argparse.Namespace) -> None:
+    """Flag combinations argparse cannot check one by one, caught before any data is loaded."""
+    warmup = getattr(args, "warmup_epochs", 0)
+    if warmup and warmup >= args.epochs:
+        raise UserError(f"--warmup-epochs ({warmup}) must be smaller than --epochs ({args.epochs})")
+
+
 def run_cli(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
     """Parse flags and run ``main``; a UserError ends the program with one clear line."""
     args = parser.parse_args()
     try:
+        check_schedule(args)
         main(args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

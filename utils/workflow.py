@@ -18,7 +18,6 @@ from models.stats import measure_latency, model_stats
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.distributed import Runtime, barrier, broadcast
 from utils.engine import EvalOutput, FitConfig, FitResult, LossFn, evaluate, fit, unwrap
-from utils.errors import UserError
 from utils.io import save_json
 from utils.metrics import classification_metrics, write_test_report
 from utils.results import append_result
@@ -110,8 +109,6 @@ def build_optimizer(model: torch.nn.Module, args: argparse.Namespace, pretrained
     ]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=args.weight_decay)
     warmup = getattr(args, "warmup_epochs", 0)  # runs saved before the flag existed have none
-    if warmup >= args.epochs:
-        raise UserError(f"--warmup-epochs ({warmup}) must be smaller than --epochs ({args.epochs})")
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs - warmup)
     if not warmup:
         return optimizer, cosine
