@@ -6,6 +6,11 @@ patterns only match plain ``nn.BatchNorm2d``. timm folds the activation into
 round trip and the INT8 model is slower than FP32. ``unfold_timm_layers`` therefore splits
 each one into ``BatchNorm2d`` + activation (same weights) before ``prepare_fx``.
 
+On the qnnpack engine (torch 2.14) quantised ``relu6``/``hardtanh``/``clamp`` return wrong values for
+channels-last tensors, which every quantised conv outputs: a MobileNetV2 came out at chance. For
+qnnpack, conv-bn-ReLU6 therefore becomes conv-bn-ReLU, which fuses into one quantised conv, with its
+output range fixed to [0, 6]: saturating at 6 is ReLU6, done by the conv's requantisation.
+
 INT8 artifacts use the project's one checkpoint format: the quantised state dict plus the
 FP32 description, loadable with ``torch.load(weights_only=True)``. ``load_quantized`` rebuilds
 the module (FP32 model -> same unfolding -> prepare -> convert -> load the INT8 weights).
@@ -24,9 +29,9 @@ import torch
 from torch import nn
 from torch.ao.nn.intrinsic.qat import freeze_bn_stats
 from torch.ao.quantization import (
-    FakeQuantizeBase, QConfig, QConfigMapping, default_fused_per_channel_wt_fake_quant, default_fused_wt_fake_quant,
-    default_per_channel_weight_observer, default_weight_observer, disable_observer, get_default_qat_qconfig_mapping,
-    get_default_qconfig_mapping,
+    FakeQuantizeBase, FixedQParamsFakeQuantize, FixedQParamsObserver, QConfig, QConfigMapping,
+    default_fused_per_channel_wt_fake_quant, default_fused_wt_fake_quant, default_per_channel_weight_observer,
+    default_weight_observer, disable_observer, get_default_qat_qconfig_mapping, get_default_qconfig_mapping,
 )
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 from timm.layers import BatchNormAct2d
@@ -100,6 +105,51 @@ def qconfig_mapping(backend: str, per_channel: bool = True, qat: bool = False) -
     return mapping.set_global(QConfig(activation=mapping.global_qconfig.activation, weight=weight))
 
 
+def _conv_bn_relu6_chains(model: nn.Module) -> list[tuple[str, str, str]]:
+    """Module names of each conv -> BatchNorm2d -> ReLU6 chain in the traced graph (each link used once)."""
+    modules = dict(model.named_modules())
+
+    def single_module_input(node: torch.fx.Node, kind: type) -> torch.fx.Node | None:
+        source = node.args[0] if node.args else None
+        if (isinstance(source, torch.fx.Node) and source.op == "call_module" and isinstance(modules[source.target], kind)
+                and len(source.users) == 1):
+            return source
+        return None
+
+    chains = []
+    for node in torch.fx.symbolic_trace(model).graph.nodes:
+        if node.op == "call_module" and type(modules[node.target]) is nn.ReLU6:
+            norm = single_module_input(node, nn.BatchNorm2d)
+            conv = single_module_input(norm, nn.Conv2d) if norm is not None else None
+            if conv is not None:
+                chains.append((conv.target, norm.target, node.target))
+    return chains
+
+
+def relu6_to_relu(model: nn.Module) -> list[str]:
+    """qnnpack workaround, in place: each conv-bn-ReLU6 becomes conv-bn-ReLU; returns those convs' names.
+
+    The caller fixes each fused conv's output range to [0, 6] (``clip_at_six``), which restores ReLU6.
+    """
+    chains = _conv_bn_relu6_chains(model)
+    for _, _, act in chains:
+        parent, _, attribute = act.rpartition(".")
+        setattr(model.get_submodule(parent), attribute, nn.ReLU().train(model.training))
+    return [conv for conv, _, _ in chains]
+
+
+def clip_at_six(prepared: torch.fx.GraphModule, convs: list[str]) -> None:
+    """Replace the output observer of each named fused conv-ReLU by a fixed [0, 6] quantiser.
+
+    A fake quantiser also for PTQ: calibration must see the clipped values the INT8 model produces.
+    """
+    observer = FixedQParamsObserver.with_args(scale=6.0 / 255, zero_point=0, dtype=torch.quint8, quant_min=0, quant_max=255)
+    for node in prepared.graph.nodes:
+        if node.op == "call_module" and node.target in convs:
+            (output_observer,) = node.users
+            setattr(prepared, output_observer.target, FixedQParamsFakeQuantize(observer=observer).train(prepared.training))
+
+
 def _blocking_module(model: nn.Module, trace: TracebackType | None) -> str:
     """The innermost module of ``model`` whose forward was running when tracing failed."""
     names = {id(module): name for name, module in model.named_modules()}
@@ -119,13 +169,16 @@ def prepare(model: nn.Module, backend: str, img_size: int, per_channel: bool = T
     example = (torch.zeros(1, 3, img_size, img_size),)
     insert = prepare_qat_fx if qat else prepare_fx
     try:
-        return insert(model, qconfig_mapping(backend, per_channel, qat), example)
+        relu6_convs = relu6_to_relu(model) if backend == "qnnpack" else []
+        prepared = insert(model, qconfig_mapping(backend, per_channel, qat), example)
     except Exception as error:  # tracing raises TraceError, TypeError, RuntimeError... from user code
         where = _blocking_module(model, error.__traceback__)
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise QuantizationError(
             f"{type(model).__name__} cannot be traced for FX quantisation; module {where or '(top level)'} stops it: {first_line}"
         ) from None
+    clip_at_six(prepared, relu6_convs)
+    return prepared
 
 
 def convert(prepared: torch.fx.GraphModule, img_size: int) -> torch.fx.GraphModule:
