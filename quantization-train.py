@@ -49,7 +49,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("quantisation")
     group.add_argument("--mode", choices=("ptq", "qat", "both"), default="both", help="default: %(default)s")
     group.add_argument("--backend", default="x86",
-                       help=f"quantised kernel set: {', '.join(BACKENDS)} (qnnpack = ARM, e.g. Raspberry Pi; default: %(default)s)")
+                       help=f"quantised kernel set: {', '.join(BACKENDS)} (qnnpack = ARM, e.g. Raspberry Pi, 8-bit activations; "
+                            "x86/fbgemm quantise activations to 7 bits; default: %(default)s)")
     group.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True,
                        help="per-output-channel weight scales (default: on; off = one scale per tensor)")
     group.add_argument("--calib-batches", type=positive_int, default=10,

@@ -111,7 +111,7 @@ def _conv_bn_relu6_chains(model: nn.Module) -> list[tuple[str, str, str]]:
 
     def single_module_input(node: torch.fx.Node, kind: type) -> torch.fx.Node | None:
         source = node.args[0] if node.args else None
-        if (isinstance(source, torch.fx.Node) and source.op == "call_module" and isinstance(modules[source.target], kind)
+        if (isinstance(source, torch.fx.Node) and source.op == "call_module" and type(modules[source.target]) is kind
                 and len(source.users) == 1):
             return source
         return None
@@ -146,6 +146,8 @@ def clip_at_six(prepared: torch.fx.GraphModule, convs: list[str]) -> None:
     observer = FixedQParamsObserver.with_args(scale=6.0 / 255, zero_point=0, dtype=torch.quint8, quant_min=0, quant_max=255)
     for node in prepared.graph.nodes:
         if node.op == "call_module" and node.target in convs:
+            if "ReLU" not in type(prepared.get_submodule(node.target)).__name__:  # unfused: clipping would be wrong
+                raise QuantizationError(f"'{node.target}' did not fuse with its ReLU: cannot quantise its ReLU6 for qnnpack")
             (output_observer,) = node.users
             setattr(prepared, output_observer.target, FixedQParamsFakeQuantize(observer=observer).train(prepared.training))
 
