@@ -9,7 +9,7 @@ each one into ``BatchNorm2d`` + activation (same weights) before ``prepare_fx``.
 On the qnnpack engine (torch 2.14) quantised ``relu6``/``hardtanh``/``clamp`` return wrong values for
 channels-last tensors, which every quantised conv outputs: a MobileNetV2 came out at chance. For
 qnnpack, conv-bn-ReLU6 therefore becomes conv-bn-ReLU, which fuses into one quantised conv, with its
-output range fixed to [0, 6]: saturating at 6 is ReLU6, done by the conv's requantisation.
+calibrated output range capped at [0, 6]: saturating at 6 is ReLU6, done by the conv's requantisation.
 
 INT8 artifacts use the project's one checkpoint format: the quantised state dict plus the
 FP32 description, loadable with ``torch.load(weights_only=True)``. ``load_quantized`` rebuilds
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.ao.nn.intrinsic.qat import freeze_bn_stats
 from torch.ao.quantization import (
-    FakeQuantizeBase, FixedQParamsFakeQuantize, FixedQParamsObserver, QConfig, QConfigMapping,
+    FakeQuantize, FakeQuantizeBase, HistogramObserver, MovingAverageMinMaxObserver, QConfig, QConfigMapping,
     default_fused_per_channel_wt_fake_quant, default_fused_wt_fake_quant, default_per_channel_weight_observer,
     default_weight_observer, disable_observer, get_default_qat_qconfig_mapping, get_default_qconfig_mapping,
 )
@@ -129,7 +129,7 @@ def _conv_bn_relu6_chains(model: nn.Module) -> list[tuple[str, str, str]]:
 def relu6_to_relu(model: nn.Module) -> list[str]:
     """qnnpack workaround, in place: each conv-bn-ReLU6 becomes conv-bn-ReLU; returns those convs' names.
 
-    The caller fixes each fused conv's output range to [0, 6] (``clip_at_six``), which restores ReLU6.
+    The caller caps each fused conv's output range at [0, 6] (``clip_at_six``), which restores ReLU6.
     """
     chains = _conv_bn_relu6_chains(model)
     for _, _, act in chains:
@@ -138,18 +138,32 @@ def relu6_to_relu(model: nn.Module) -> list[str]:
     return [conv for conv, _, _ in chains]
 
 
-def clip_at_six(prepared: torch.fx.GraphModule, convs: list[str]) -> None:
-    """Replace the output observer of each named fused conv-ReLU by a fixed [0, 6] quantiser.
+def _at_most_six(observer: type) -> type:
+    """``observer`` whose range is capped at [0, 6]: quantising a ReLU output with it saturates at 6, i.e. ReLU6."""
+    class AtMostSix(observer):
+        def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+            scale, zero_point = super().calculate_qparams()
+            return scale.clamp(max=6.0 / 255), zero_point
+    return AtMostSix
+
+
+ReLU6Observer = _at_most_six(HistogramObserver)
+ReLU6QATObserver = _at_most_six(MovingAverageMinMaxObserver)
+
+
+def clip_at_six(prepared: torch.fx.GraphModule, convs: list[str], qat: bool) -> None:
+    """Give each named fused conv-ReLU an output quantiser calibrated as usual but capped at [0, 6].
 
     A fake quantiser also for PTQ: calibration must see the clipped values the INT8 model produces.
     """
-    observer = FixedQParamsObserver.with_args(scale=6.0 / 255, zero_point=0, dtype=torch.quint8, quant_min=0, quant_max=255)
+    observer = ReLU6QATObserver if qat else ReLU6Observer
     for node in prepared.graph.nodes:
         if node.op == "call_module" and node.target in convs:
             if "ReLU" not in type(prepared.get_submodule(node.target)).__name__:  # unfused: clipping would be wrong
                 raise QuantizationError(f"'{node.target}' did not fuse with its ReLU: cannot quantise its ReLU6 for qnnpack")
             (output_observer,) = node.users
-            setattr(prepared, output_observer.target, FixedQParamsFakeQuantize(observer=observer).train(prepared.training))
+            quantiser = FakeQuantize(observer=observer, quant_min=0, quant_max=255, dtype=torch.quint8)
+            setattr(prepared, output_observer.target, quantiser.train(prepared.training))
 
 
 def _blocking_module(model: nn.Module, trace: TracebackType | None) -> str:
@@ -179,7 +193,7 @@ def prepare(model: nn.Module, backend: str, img_size: int, per_channel: bool = T
         raise QuantizationError(
             f"{type(model).__name__} cannot be traced for FX quantisation; module {where or '(top level)'} stops it: {first_line}"
         ) from None
-    clip_at_six(prepared, relu6_convs)
+    clip_at_six(prepared, relu6_convs, qat)
     return prepared
 
 
@@ -194,9 +208,9 @@ def convert(prepared: torch.fx.GraphModule, img_size: int) -> torch.fx.GraphModu
             converted(torch.zeros(1, 3, img_size, img_size))
     except (NotImplementedError, RuntimeError) as error:
         op = re.search(r"Could not run '([^']+)'", str(error))
-        raise QuantizationError(
-            f"the INT8 model cannot run: {op.group(1) if op else str(error).splitlines()[0]} has no quantised CPU kernel"
-        ) from None
+        reason = (f"{op.group(1)} has no quantised CPU kernel" if op else
+                  f"the {torch.backends.quantized.engine} kernels reject it: {str(error).strip().splitlines()[-1]}")
+        raise QuantizationError(f"the INT8 model cannot run: {reason}") from None
     return converted
 
 
