@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.ao.nn import intrinsic
 from torch.ao.nn.intrinsic.qat import freeze_bn_stats
 from torch.ao.quantization import (
     FakeQuantize, FakeQuantizeBase, HistogramObserver, MovingAverageMinMaxObserver, QConfig, QConfigMapping,
@@ -147,8 +148,9 @@ def _at_most_six(observer: type) -> type:
     return AtMostSix
 
 
-ReLU6Observer = _at_most_six(HistogramObserver)
-ReLU6QATObserver = _at_most_six(MovingAverageMinMaxObserver)
+_ReLU6Observer = _at_most_six(HistogramObserver)
+_ReLU6QATObserver = _at_most_six(MovingAverageMinMaxObserver)
+FUSED_CONV_RELU = (intrinsic.ConvReLU2d, intrinsic.qat.ConvReLU2d, intrinsic.qat.ConvBnReLU2d)
 
 
 def clip_at_six(prepared: torch.fx.GraphModule, convs: list[str], qat: bool) -> None:
@@ -156,10 +158,10 @@ def clip_at_six(prepared: torch.fx.GraphModule, convs: list[str], qat: bool) -> 
 
     A fake quantiser also for PTQ: calibration must see the clipped values the INT8 model produces.
     """
-    observer = ReLU6QATObserver if qat else ReLU6Observer
+    observer = _ReLU6QATObserver if qat else _ReLU6Observer
     for node in prepared.graph.nodes:
         if node.op == "call_module" and node.target in convs:
-            if "ReLU" not in type(prepared.get_submodule(node.target)).__name__:  # unfused: clipping would be wrong
+            if not isinstance(prepared.get_submodule(node.target), FUSED_CONV_RELU):  # unfused: clipping would be wrong
                 raise QuantizationError(f"'{node.target}' did not fuse with its ReLU: cannot quantise its ReLU6 for qnnpack")
             (output_observer,) = node.users
             quantiser = FakeQuantize(observer=observer, quant_min=0, quant_max=255, dtype=torch.quint8)
