@@ -36,7 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "(default: %(default)s)")
     parser.add_argument("--filter", action="append", default=[], metavar="COLUMN=VALUE",
                         help="keep rows whose results column equals VALUE, e.g. method=qat or augment=2 (repeatable)")
-    parser.add_argument("--dataset", choices=("real", "synthetic"), help="keep only rows of this dataset")
+    parser.add_argument("--dataset", help="keep only rows of this dataset (real, synthetic, synthetic-zoom2 ...)")
     parser.add_argument("--best-per", choices=("latest", "best"),
                         help="one row per model + method + dataset: the newest, or the most accurate")
     parser.add_argument("--markdown", metavar="FILE", help="write the table as GitHub markdown")

@@ -35,7 +35,7 @@ class CachedImages(Dataset):
 @dataclass
 class DataBundle:
     root: Path
-    dataset: str  # "real" or "synthetic": recorded in every results row
+    dataset: str  # "real", "synthetic" or "synthetic-zoom<Z>": recorded in every results row
     class_names: list[str]
     split: dict
     parts: dict[str, CachedImages]

@@ -35,6 +35,7 @@ _SS = 2  # supersampling of drawn threads (anti-aliasing)
 # trained from scratch on it stayed near chance (docs/synthetic.md, learnability).
 _SEAM_SCALE = 2.5
 _MIN_SEVERITY = 0.6
+MAX_ZOOM = 4.0  # beyond it the window (56 px) no longer holds a whole defect
 _FABRIC_INDEX = {letter: i for i, letter in enumerate(FABRICS)}
 _NAME = re.compile(r"^[A-K]_\d{2}_\d{4,}\.jpg$")
 
@@ -240,6 +241,8 @@ class _Scene:
         self.overlays: list[Callable[[np.ndarray], np.ndarray]] = []  # applied to the canvas after the threads
         self.xs = np.array([])
         self.keep = np.array([], bool)
+        self.focus_x: float | None = None  # canvas point a zoomed camera looks at: the defect (y: on the seam by default)
+        self.focus_y: float | None = None
 
     def seam_y(self, x: np.ndarray | float) -> np.ndarray:
         """Seam centre line in canvas coordinates (x in canvas coordinates)."""
@@ -299,7 +302,8 @@ def _curl(rng: np.random.Generator, x: float, y: float, length: float, angle: fl
 
 def _defect_x(scene: _Scene) -> float:
     """Where along the seam the defect sits (canvas x)."""
-    return _M + _S * scene.rng.uniform(0.15, 0.85)
+    scene.focus_x = _M + _S * scene.rng.uniform(0.15, 0.85)
+    return scene.focus_x
 
 
 def _skipped(scene: _Scene, severity: float) -> None:
@@ -400,6 +404,7 @@ def _stain(scene: _Scene, severity: float) -> None:
     rng = scene.rng
     x0 = _defect_x(scene)
     y0 = float(scene.seam_y(x0)) + rng.uniform(-45, 45)
+    scene.focus_y = (float(scene.seam_y(x0)) + y0) / 2  # a zoomed camera keeps both the seam and the stain in view
     kind = rng.choice(["spot", "smear", "scuff"], p=[0.45, 0.3, 0.25])
     size = 4 + 12 * severity
     a, b = (size, size * rng.uniform(0.6, 1)) if kind == "spot" else (size * rng.uniform(1.5, 3), size * rng.uniform(0.2, 0.45))
@@ -524,8 +529,12 @@ def _ink(mask: Image.Image, region: tuple[slice, slice]) -> np.ndarray:
     return np.asarray(mask, np.float32)[region][..., None] / 255
 
 
-def render(fabric: str, class_index: int, rng: np.random.Generator, img_size: int = _S) -> Image.Image:
-    """One synthetic photograph of a seam on ``fabric`` showing defect ``class_index`` (0 = Normal)."""
+def render(fabric: str, class_index: int, rng: np.random.Generator, img_size: int = _S, zoom: float = 1.0) -> Image.Image:
+    """One synthetic photograph of a seam on ``fabric`` showing defect ``class_index`` (0 = Normal).
+
+    ``zoom`` > 1 frames a closer view: a (224 / zoom) px window around the defect (a random seam
+    point for Normal), jittered so the defect is not always centred, then resized to ``img_size``.
+    """
     fab = _FABRIC_LOOKS[fabric]
     scene = _Scene(fab, rng)
     canvas = _fabric(fab, rng)
@@ -596,40 +605,59 @@ def render(fabric: str, class_index: int, rng: np.random.Generator, img_size: in
     noise = rng.uniform(1, 4) * _bank_noise(rng, (_S, _S, 3)) + 0.5
     noise += image8
     pixels = Image.fromarray(np.clip(noise, 0, 255, out=noise).astype(np.uint8))
-    if img_size != _S:
-        pixels = pixels.resize((img_size, img_size), Image.LANCZOS if img_size < _S else Image.BICUBIC)
+    if zoom != 1:
+        pixels = pixels.crop(_zoom_window(scene, rng, zoom))
+    if pixels.width != img_size:
+        pixels = pixels.resize((img_size, img_size), Image.LANCZOS if img_size < pixels.width else Image.BICUBIC)
     return pixels
 
 
-def render_image(seed: int, fabric: str, class_index: int, index: int, img_size: int = _S) -> tuple[Image.Image, int]:
+def _zoom_window(scene: _Scene, rng: np.random.Generator, zoom: float) -> tuple[int, int, int, int]:
+    """Square crop box (image coordinates) of side 224 / zoom on the seam, around the defect.
+
+    Drawn after everything else, so zoom 1 leaves every other random draw, and every image, unchanged.
+    """
+    side = round(_S / zoom)
+    focus = scene.focus_x if scene.focus_x is not None else _M + _S * rng.uniform(0.15, 0.85)
+    cx = focus - _M + rng.uniform(-0.25, 0.25) * side
+    cy = (scene.focus_y if scene.focus_y is not None else float(scene.seam_y(focus))) - _M + rng.uniform(-0.15, 0.15) * side
+    x0 = int(np.clip(round(cx - side / 2), 0, _S - side))
+    y0 = int(np.clip(round(cy - side / 2), 0, _S - side))
+    return x0, y0, x0 + side, y0 + side
+
+
+def render_image(seed: int, fabric: str, class_index: int, index: int, img_size: int = _S, zoom: float = 1.0) -> tuple[Image.Image, int]:
     """Image number ``index`` of one (fabric, class) pair and the JPEG quality it is saved with."""
     rng = image_rng(seed, fabric, class_index, index)
     quality = int(rng.integers(85, 96))
-    return render(fabric, class_index, rng, img_size), quality
+    return render(fabric, class_index, rng, img_size, zoom), quality
 
 
-def _write(task: tuple[Path, int, str, int, int, int]) -> None:
-    out_dir, seed, fabric, class_index, index, img_size = task
-    image, quality = render_image(seed, fabric, class_index, index, img_size)
+_Task = tuple[Path, int, str, int, int, int, float]
+
+
+def _write(task: _Task) -> None:
+    out_dir, seed, fabric, class_index, index, img_size, zoom = task
+    image, quality = render_image(seed, fabric, class_index, index, img_size, zoom)
     path = out_dir / FABRICS[fabric] / class_folder(class_index) / image_name(fabric, class_index, index)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     image.save(tmp, format="JPEG", quality=quality)
     os.replace(tmp, path)
 
 
-def _write_chunk(tasks: list[tuple[Path, int, str, int, int, int]]) -> int:
+def _write_chunk(tasks: list[_Task]) -> int:
     for task in tasks:
         _write(task)
     return len(tasks)
 
 
-def _args(per_class: int | None, seed: int, like_stitchingnet: bool, img_size: int) -> dict:
+def _args(per_class: int | None, seed: int, like_stitchingnet: bool, img_size: int, zoom: float) -> dict:
     return {"generator_version": GENERATOR_VERSION, "per_class": None if like_stitchingnet else per_class,
-            "seed": seed, "like_stitchingnet": like_stitchingnet, "img_size": img_size}
+            "seed": seed, "like_stitchingnet": like_stitchingnet, "img_size": img_size, "zoom": zoom}
 
 
 def generate(out_dir: Path, per_class: int | None = None, seed: int = 0, like_stitchingnet: bool = False,
-             img_size: int = 224, workers: int | None = None, progress: bool = True) -> int:
+             img_size: int = 224, workers: int | None = None, progress: bool = True, zoom: float = 1.0) -> int:
     """Write the synthetic set under ``out_dir`` in the real nested layout; returns images written.
 
     Files are replaced atomically and ``.complete.json`` is written last, so a folder with the
@@ -639,6 +667,8 @@ def generate(out_dir: Path, per_class: int | None = None, seed: int = 0, like_st
         raise ValueError(f"seed must be >= 0, got {seed}")
     if img_size < 8:
         raise ValueError(f"img_size must be >= 8, got {img_size}")
+    if not 1 <= zoom <= MAX_ZOOM:
+        raise ValueError(f"zoom must be in [1, {MAX_ZOOM}], got {zoom}")
     plan = plan_counts(like_stitchingnet, per_class)
     out_dir = Path(out_dir)
     (out_dir / MARKER).unlink(missing_ok=True)
@@ -650,7 +680,7 @@ def generate(out_dir: Path, per_class: int | None = None, seed: int = 0, like_st
         for old in folder.iterdir():
             if (old.name.endswith(".tmp") or _NAME.match(old.name)) and old.name not in wanted:
                 old.unlink()
-        tasks += [(out_dir, seed, fabric, class_index, i, img_size) for i in range(count)]
+        tasks += [(out_dir, seed, fabric, class_index, i, img_size, zoom) for i in range(count)]
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
     step = max(1, min(32, len(tasks) // (4 * workers)))  # small enough to keep every worker busy
     chunks = [tasks[i:i + step] for i in range(0, len(tasks), step)]
@@ -663,7 +693,7 @@ def generate(out_dir: Path, per_class: int | None = None, seed: int = 0, like_st
             for done in pool.imap_unordered(_write_chunk, chunks):
                 bar.update(done)
     bar.close()
-    marker = {**_args(per_class, seed, like_stitchingnet, img_size), "images": len(tasks)}
+    marker = {**_args(per_class, seed, like_stitchingnet, img_size, zoom), "images": len(tasks)}
     tmp = out_dir / f"{MARKER}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(marker, indent=1) + "\n")
     os.replace(tmp, out_dir / MARKER)
@@ -691,22 +721,23 @@ def _progress(total: int, enabled: bool) -> _NoBar:
 
 
 def ensure_synthetic(cache_root: Path, per_class: int | None, seed: int, img_size: int, like_stitchingnet: bool = False,
-                     *, workers: int | None = None, progress: bool = True) -> Path:
+                     *, workers: int | None = None, progress: bool = True, zoom: float = 1.0) -> Path:
     """Cached synthetic set for these arguments; generated only when its completion marker is missing."""
     size = "like-stitchingnet" if like_stitchingnet else f"n{per_class}"
-    folder = Path(cache_root) / f"synthetic-v{GENERATOR_VERSION}-{size}-s{seed}-{img_size}px"
-    wanted = _args(per_class, seed, like_stitchingnet, img_size)
+    zoomed = f"-zoom{zoom:g}" if zoom != 1 else ""
+    folder = Path(cache_root) / f"synthetic-v{GENERATOR_VERSION}-{size}-s{seed}-{img_size}px{zoomed}"
+    wanted = _args(per_class, seed, like_stitchingnet, img_size, zoom)
     try:
-        done = json.loads((folder / MARKER).read_text())
+        done = {"zoom": 1.0, **json.loads((folder / MARKER).read_text())}  # markers before zoom existed are zoom 1
         if {k: done.get(k) for k in wanted} == wanted:
             return folder
     except (OSError, ValueError):  # no marker yet, or a torn one: (re)generate
         pass
-    generate(folder, per_class, seed, like_stitchingnet, img_size, workers, progress)
+    generate(folder, per_class, seed, like_stitchingnet, img_size, workers, progress, zoom)
     return folder
 
 
-def write_preview(path: Path, seed: int = 0, img_size: int = _S, cell: int = 80) -> None:
+def write_preview(path: Path, seed: int = 0, img_size: int = _S, cell: int = 80, zoom: float = 1.0) -> None:
     """Contact sheet: one row per fabric (A-K), one column per class (00-10), image 0 of each pair.
 
     Saved as a 128-colour PNG so the sheet stays small enough to commit (~250 KB).
@@ -720,7 +751,7 @@ def write_preview(path: Path, seed: int = 0, img_size: int = _S, cell: int = 80)
     for r, fabric in enumerate(FABRICS):
         draw.text((pad // 2, pad + r * cell + cell // 2), fabric, fill="black", font=font, anchor="mm")
         for c in range(len(CLASSES)):
-            image, _ = render_image(seed, fabric, c, 0, img_size)
+            image, _ = render_image(seed, fabric, c, 0, img_size, zoom)
             sheet.paste(image.resize((cell, cell), Image.LANCZOS), (pad + c * cell, pad + r * cell))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -741,6 +772,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="the real dataset's size: 14,565 images, 221 Normal per fabric, the rest spread over the defects")
     parser.add_argument("--seed", type=int, default=0, help="base seed (>= 0, default 0)")
     parser.add_argument("--img-size", type=int, default=_S, help=f"square image side in px (default {_S}; rendered at {_S} and resized)")
+    parser.add_argument("--zoom", type=float, default=1.0,
+                        help=f"closer camera: frame a (224 / ZOOM) px window around the defect, in [1, {MAX_ZOOM:g}] (default 1)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
     parser.add_argument("--preview", type=Path, metavar="FILE.png",
                         help="also (or only) write a contact sheet: rows = fabrics A-K, columns = classes 00-10")
@@ -757,6 +790,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seed must be >= 0, got {args.seed}")
     if args.img_size < 8:
         parser.error(f"--img-size must be at least 8, got {args.img_size}")
+    if not 1 <= args.zoom <= MAX_ZOOM:
+        parser.error(f"--zoom must be in [1, {MAX_ZOOM:g}], got {args.zoom}")
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
     sized = args.per_class is not None or args.like_stitchingnet
@@ -765,9 +800,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None and not sized:
         parser.error("give --per-class N or --like-stitchingnet to say how many images to write")
     if args.preview is not None:
-        write_preview(args.preview, args.seed, args.img_size)
+        write_preview(args.preview, args.seed, args.img_size, zoom=args.zoom)
     if args.out is not None:
-        count = generate(args.out, args.per_class, args.seed, args.like_stitchingnet, args.img_size, args.workers, not args.quiet)
+        count = generate(args.out, args.per_class, args.seed, args.like_stitchingnet, args.img_size, args.workers, not args.quiet, args.zoom)
         print(f"wrote {count} images to {args.out}")
     return 0
 

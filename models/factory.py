@@ -4,12 +4,15 @@ from __future__ import annotations
 import difflib
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
+from urllib.parse import urlparse
 
 import timm
 import torch
 from timm.models import efficientnet, ghostnet, mobilenetv3, repghost
 
+from models.hub import HUB_TIMEOUT_S, cached_weights, reachable, weights_source
 from utils.errors import UserError
 
 
@@ -70,26 +73,36 @@ def resolve_model(name: str, alpha: float | None = None) -> ModelSpec:
     raise ModelError(f"unknown model '{name}'.{hint}")
 
 
-def _build(spec: ModelSpec, num_classes: int, pretrained: bool) -> torch.nn.Module:
+def _build(spec: ModelSpec, num_classes: int, pretrained: bool, weights_file: Path | None = None) -> torch.nn.Module:
     if spec.family is not None and not timm.is_model(spec.name):
         family = FAMILIES[spec.family]
         return family.generator(family.base_variant, spec.alpha, pretrained=False, num_classes=num_classes)
-    return timm.create_model(spec.name, pretrained=pretrained, num_classes=num_classes)
+    overlay = {"file": str(weights_file)} if weights_file is not None else None
+    return timm.create_model(spec.name, pretrained=pretrained, num_classes=num_classes, pretrained_cfg_overlay=overlay)
 
 
 def create_model(spec: ModelSpec, num_classes: int, pretrained: bool = True) -> tuple[torch.nn.Module, bool]:
     """Build the model; returns it and whether pretrained weights were really loaded.
 
-    Pretrained weights come from timm's hub. When they cannot be fetched (offline, or no
-    weights for this width) a loud warning goes to stderr and training starts from random init.
+    Pretrained weights come from timm's hub. When they cannot be fetched (the host does not
+    answer within HUB_TIMEOUT_S and no local copy exists, or no weights exist for this width)
+    a loud warning goes to stderr and training starts from random init at once.
     """
     if not pretrained:
         return _build(spec, num_classes, False), False
     if not timm.is_model(spec.name) or not timm.models.get_pretrained_cfg(spec.name):
         _warn(f"no pretrained weights exist for {spec.name}; starting from random init")
         return _build(spec, num_classes, False), False
+    cfg = timm.models.get_pretrained_cfg(spec.name).to_dict()
+    source, local = weights_source(cfg), None
+    if source and not reachable(source):
+        local = cached_weights(cfg)
+        if local is None:
+            _warn(f"{urlparse(source).hostname} cannot be reached (gave up after at most {HUB_TIMEOUT_S:g} s) and "
+                  f"{spec.name}'s weights are not cached: starting from random init (pretrained=False). Run once online, or pass --weights FILE")
+            return _build(spec, num_classes, False), False
     try:
-        return _build(spec, num_classes, True), True
+        return _build(spec, num_classes, True, local), True
     except (OSError, RuntimeError, ValueError) as error:
         _warn(f"could not load pretrained weights for {spec.name} ({type(error).__name__}: {error}); starting from random init")
         return _build(spec, num_classes, False), False

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import ROOT, TINY_TRAIN, run_script
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.results import COLUMNS, append_result, read_rows
-from utils.workflow import build_optimizer
+from utils.engine import smoothed_cross_entropy
+from utils.workflow import build_optimizer, synthetic_label
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
@@ -146,6 +148,14 @@ def test_bad_input_gives_one_clear_line(args, message):
     assert len(error_lines) == 1 and message in error_lines[0]
 
 
+@pytest.mark.parametrize("args, message", [(("--label-smoothing", "1"), "--label-smoothing: must be in [0, 1)"),
+                                           (("--synthetic", "--synthetic-zoom", "8"), "--synthetic-zoom: must be in [1, 4]")])
+def test_out_of_range_flags_are_refused_before_any_work(args, message):
+    result = cli("main.py", *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.rstrip().splitlines()[-1].startswith("main.py: error:") and message in result.stderr
+
+
 def test_resume_from_best_pt_is_refused(trained_run):
     assert run_script("main.py", "--resume", trained_run / "best.pt") == 2
 
@@ -167,3 +177,19 @@ def test_warmup_ramps_the_learning_rate_linearly_then_decays():
         scheduler.step()
     assert rates[:3] == pytest.approx([1e-3, 2e-3, 3e-3])
     assert rates[3] < rates[2] and rates[4] < rates[3]
+
+
+def test_label_smoothing_trains_on_the_smoothed_target():
+    model = torch.nn.Linear(4, 11)
+    images, targets = torch.randn(8, 4), torch.arange(8)
+    plain, logits = smoothed_cross_entropy(0.0)(model, images, targets)
+    smooth, _ = smoothed_cross_entropy(0.1)(model, images, targets)
+    assert plain.item() == pytest.approx(F.cross_entropy(logits, targets).item())
+    uniform = -logits.log_softmax(1).mean(1)
+    assert smooth.item() == pytest.approx((0.9 * F.cross_entropy(logits, targets, reduction="none") + 0.1 * uniform).mean().item(), rel=1e-5)
+
+
+def test_zoomed_synthetic_runs_are_labelled_apart():
+    assert synthetic_label({"per_class": 2, "img_size": 32}) == "synthetic"  # checkpoints from before --synthetic-zoom
+    assert synthetic_label({"per_class": 2, "img_size": 32, "zoom": 1.0}) == "synthetic"
+    assert synthetic_label({"per_class": 2, "img_size": 56, "zoom": 4.0}) == "synthetic-zoom4"

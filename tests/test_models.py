@@ -1,9 +1,14 @@
 """timm factory, width multiplier parity and the published cost reference values."""
 from __future__ import annotations
 
+import time
+
+import huggingface_hub
 import pytest
 import timm
+import torch
 
+from models import factory, hub
 from models.factory import ModelError, create_model, load_weights, resolve_model
 from models.stats import count_params, model_stats
 
@@ -73,3 +78,44 @@ def test_local_weights_replace_a_mismatched_head(tmp_path):
     assert torch.equal(target.conv_stem.weight, source.conv_stem.weight)
     with pytest.raises(ModelError, match="does not exist"):
         load_weights(target, str(tmp_path / "missing.pth"))
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """The hub client online, but its endpoint a closed local port: the give-up path without any network."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+
+
+def test_unreachable_hub_gives_up_fast_with_one_warning(unreachable_hub, monkeypatch, capsys):
+    monkeypatch.setattr(factory, "cached_weights", lambda cfg: None)
+    started = time.perf_counter()
+    model, pretrained = create_model(resolve_model("mobilenetv3_small_050"), 11)
+    assert time.perf_counter() - started < hub.HUB_TIMEOUT_S
+    assert pretrained is False and count_params(model) == 579_499
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and "127.0.0.1" in warnings[0] and "pretrained=False" in warnings[0]
+
+
+def test_unreachable_hub_uses_cached_weights(unreachable_hub, monkeypatch, tmp_path):
+    reference = timm.create_model("mobilenetv3_small_050", num_classes=1000)
+    torch.save(reference.state_dict(), tmp_path / "pytorch_model.bin")
+    monkeypatch.setattr(factory, "cached_weights", lambda cfg: tmp_path / "pytorch_model.bin")
+    model, pretrained = create_model(resolve_model("mobilenetv3_small_050"), 11)
+    assert pretrained is True
+    assert torch.equal(model.conv_stem.weight, reference.conv_stem.weight)
+    assert model.get_classifier().out_features == 11
+
+
+def test_offline_flag_is_never_probed(monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub.socket, "create_connection", lambda *a, **k: pytest.fail("probed the network while offline"))
+    assert hub.reachable(huggingface_hub.constants.ENDPOINT) is False
+
+
+def test_cached_weights_finds_the_torch_hub_copy(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "w-123.pth").write_bytes(b"x")
+    assert hub.cached_weights({"url": "https://example.invalid/releases/w-123.pth"}) == tmp_path / "checkpoints" / "w-123.pth"
+    assert hub.cached_weights({"url": "https://example.invalid/releases/other.pth"}) is None

@@ -1,11 +1,14 @@
 """Synthetic StitchingNet generator: layout, counts, determinism, caching and CLI errors."""
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -92,10 +95,42 @@ def test_per_class_plan() -> None:
         plan_counts(False, 0)
 
 
-@pytest.mark.parametrize("args", [["--out", "x"], ["--out", "x", "--per-class", "0"], ["--per-class", "2"], []])
+@pytest.mark.parametrize("args", [["--out", "x"], ["--out", "x", "--per-class", "0"], ["--per-class", "2"], [],
+                                  ["--out", "x", "--per-class", "1", "--zoom", "0.5"]])
 def test_cli_bad_arguments_fail_with_one_error_line(args: list[str]) -> None:
     run = subprocess.run([sys.executable, "-m", "data.synthetic", *args], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 2
     errors = [line for line in run.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "Traceback" not in run.stderr
     assert run.stderr.rstrip().splitlines()[-1] == errors[0]
+
+
+def test_zoom_leaves_the_standard_images_unchanged() -> None:
+    """Generator v2 images (and caches) stay valid: zoom draws its window after every other random draw."""
+    digests = {key: hashlib.sha256(render_image(5, *key, 1, 224)[0].tobytes()).hexdigest()[:16] for key in [("E", 7), ("H", 8), ("B", 0)]}
+    assert digests == {("E", 7): "7ae02ab7f6a718e6", ("H", 8): "9d43a2fce798c8ac", ("B", 0): "1ea5dc125290b19d"}
+
+
+@pytest.mark.parametrize("fabric, class_index", [("E", 7), ("K", 0), ("H", 8)])
+def test_zoom_frames_a_window_of_the_standard_scene(fabric: str, class_index: int) -> None:
+    full = np.asarray(render_image(2, fabric, class_index, 0, 224)[0])
+    zoomed = np.asarray(render_image(2, fabric, class_index, 0, 112, zoom=2)[0])
+    assert zoomed.shape == (112, 112, 3)
+    rows = np.lib.stride_tricks.sliding_window_view(full, (112, 3), axis=(1, 2))[:, :, 0]  # (y, x, 112, 3)
+    y, x = np.argwhere((rows == zoomed[0]).all(axis=(2, 3)))[0]
+    assert (full[y:y + 112, x:x + 112] == zoomed).all()
+
+
+def test_zoomed_cache_has_its_own_folder_and_marker(tmp_path: Path) -> None:
+    folder = ensure_synthetic(tmp_path, per_class=1, seed=0, img_size=SIZE, workers=1, progress=False, zoom=2)
+    assert folder.name == f"synthetic-v{GENERATOR_VERSION}-n1-s0-{SIZE}px-zoom2"
+    assert json.loads((folder / MARKER).read_text())["zoom"] == 2
+
+
+def test_marker_from_before_zoom_is_reused_as_zoom_1(cached: Path) -> None:
+    marker = cached / MARKER
+    old = {k: v for k, v in json.loads(marker.read_text()).items() if k != "zoom"}
+    marker.write_text(json.dumps(old))
+    before = {p: p.stat().st_mtime_ns for p in cached.rglob("*.jpg")}
+    assert ensure_synthetic(cached.parent, per_class=1, seed=3, img_size=SIZE, workers=2, progress=False) == cached
+    assert {p: p.stat().st_mtime_ns for p in cached.rglob("*.jpg")} == before

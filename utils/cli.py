@@ -6,6 +6,7 @@ import os
 import sys
 from typing import Callable
 
+from data.synthetic import MAX_ZOOM
 from data.transforms import AUGMENT_VERSIONS
 from utils.errors import UserError
 
@@ -28,6 +29,20 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def unit_fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def zoom_factor(text: str) -> float:
+    value = float(text)
+    if not 1 <= value <= MAX_ZOOM:
+        raise argparse.ArgumentTypeError(f"must be in [1, {MAX_ZOOM:g}], got {text}")
+    return value
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--data-root",
@@ -39,6 +54,10 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                             "results are labelled dataset=synthetic")
     group.add_argument("--synthetic-per-class", type=positive_int, metavar="N",
                        help="with --synthetic: N images per (fabric, class) pair instead of the real dataset's size (14,565)")
+    group.add_argument("--synthetic-zoom", type=zoom_factor, default=1.0, metavar="Z",
+                       help="with --synthetic: a Z times closer camera, framing a 224/Z px window around each defect "
+                            "(train at 224/Z px for the same defect size in pixels at Z^2 less compute); results are "
+                            "labelled dataset=synthetic-zoomZ (default: %(default)s)")
     group.add_argument("--img-size", type=positive_int, help="square input size in pixels (default: a given checkpoint's, else 224)")
     group.add_argument("--augment", type=int, choices=AUGMENT_VERSIONS, default=1,
                        help="augmentation version: 0 none, 1 flips + small rotation, 2 = 1 + colour jitter, "
@@ -73,6 +92,9 @@ def add_training_args(parser: argparse.ArgumentParser, epochs: int = 100, lr: fl
     group.add_argument("--lr-backbone", type=float,
                        help="learning rate of the backbone (default: 1e-4 when pretrained weights were loaded, else --lr)")
     group.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: %(default)s)")
+    group.add_argument("--label-smoothing", type=unit_fraction, default=0.0,
+                       help="label smoothing of the training loss, in [0, 1); 0.1 steadies from-scratch training "
+                            "(default: %(default)s)")
     group.add_argument("--warmup-epochs", type=non_negative_int, default=0,
                        help="linear learning-rate warm-up before the cosine decay; 2-3 helps from random init, where "
                             "small nets can otherwise stall at predicting the class prior (default: %(default)s)")

@@ -38,6 +38,18 @@ def cross_entropy_loss(model: torch.nn.Module, images: torch.Tensor, targets: to
     return F.cross_entropy(logits, targets), logits
 
 
+def smoothed_cross_entropy(label_smoothing: float) -> LossFn:
+    """The default training loss, with label smoothing when asked for (evaluation always scores plain CE)."""
+    if not label_smoothing:
+        return cross_entropy_loss
+
+    def loss_fn(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(images)
+        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing), logits
+
+    return loss_fn
+
+
 def _to_device(images: torch.Tensor, targets: torch.Tensor, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
     images = images.to(runtime.device, non_blocking=True)
     if runtime.channels_last:

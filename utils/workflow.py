@@ -17,7 +17,7 @@ from models.factory import ModelSpec, create_model, data_config, head_parameters
 from models.stats import measure_latency, model_stats
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.distributed import Runtime, barrier, broadcast
-from utils.engine import EvalOutput, FitConfig, FitResult, LossFn, evaluate, fit, unwrap
+from utils.engine import EvalOutput, FitConfig, FitResult, LossFn, evaluate, fit, smoothed_cross_entropy, unwrap
 from utils.io import save_json
 from utils.metrics import classification_metrics, write_test_report
 from utils.results import append_result
@@ -31,15 +31,21 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stitchdefect"
 
 
+def synthetic_label(synthetic: dict) -> str:
+    """The results ``dataset`` of a synthetic set: zoomed sets are ranked apart from the standard one."""
+    zoom = synthetic.get("zoom") or 1.0  # checkpoints from before --synthetic-zoom are zoom 1
+    return "synthetic" if zoom == 1 else f"synthetic-zoom{zoom:g}"
+
+
 def resolve_data_source(args: argparse.Namespace, stored: dict | None = None) -> dict:
     """Where the data comes from: the flags, else the checkpoint's description, else defaults."""
     stored = stored or {}
     synthetic = stored.get("synthetic") if args.synthetic is False and args.data_root is None else None
     if args.synthetic:
         img_size = args.img_size or stored.get("img_size") or DEFAULT_IMG_SIZE
-        synthetic = {"per_class": args.synthetic_per_class, "img_size": img_size}
+        synthetic = {"per_class": args.synthetic_per_class, "img_size": img_size, "zoom": args.synthetic_zoom}
     if synthetic:
-        return {"dataset": "synthetic", "synthetic": synthetic, "data_root": None}
+        return {"dataset": synthetic_label(synthetic), "synthetic": synthetic, "data_root": None}
     return {"dataset": "real", "synthetic": None, "data_root": args.data_root or stored.get("data_root") or DEFAULT_DATA_ROOT}
 
 
@@ -55,7 +61,7 @@ def prepare_data(args: argparse.Namespace, runtime: Runtime, stored: dict | None
         synthetic = source["synthetic"]
         make = lambda: ensure_synthetic(  # noqa: E731
             cache_root(), synthetic["per_class"], SYNTHETIC_SEED, synthetic["img_size"],
-            like_stitchingnet=synthetic["per_class"] is None,
+            like_stitchingnet=synthetic["per_class"] is None, zoom=synthetic.get("zoom") or 1.0,
         )
         if runtime.is_main:
             make()
@@ -141,9 +147,10 @@ def train(model: torch.nn.Module, bundle: DataBundle, description: dict, args: a
     """Fit ``model`` (already on the device) on the bundle's train split with early stopping."""
     data = loaders(bundle, description, args, runtime)
     optimizer, scheduler = build_optimizer(model, args, description["pretrained"])
-    extra = {"loss_fn": loss_fn} if loss_fn is not None else {}
+    if loss_fn is None:
+        loss_fn = smoothed_cross_entropy(getattr(args, "label_smoothing", 0.0))  # runs saved before the flag have none
     return fit(model, data["train"], data["val"], optimizer, scheduler, runtime,
-               FitConfig(args.epochs, args.patience, args.seed), run_dir, description, resume=resume, **extra, **hooks)
+               FitConfig(args.epochs, args.patience, args.seed), run_dir, description, loss_fn=loss_fn, resume=resume, **hooks)
 
 
 def test_predictions(model: torch.nn.Module, bundle: DataBundle, description: dict, args: argparse.Namespace, runtime: Runtime) -> EvalOutput:
