@@ -32,8 +32,8 @@ def reachable(url: str, timeout: float = HUB_TIMEOUT_S) -> bool:
 
     The probe runs in a daemon thread because a hanging DNS lookup ignores socket timeouts.
     """
-    if huggingface_hub.constants.HF_HUB_OFFLINE and urlparse(url).hostname == urlparse(huggingface_hub.constants.ENDPOINT).hostname:
-        return False
+    if huggingface_hub.constants.HF_HUB_OFFLINE and url == huggingface_hub.constants.ENDPOINT:
+        return False  # the hub client's own offline switch: no probe
     parsed = urlparse(url)
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     answered: list[bool] = []

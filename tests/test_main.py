@@ -20,7 +20,7 @@ from conftest import ROOT, TINY_TRAIN, run_script
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.results import COLUMNS, append_result, read_rows
 from utils.engine import smoothed_cross_entropy
-from utils.workflow import build_optimizer, synthetic_label
+from utils.workflow import build_optimizer, resolve_data_source, synthetic_label
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
@@ -190,6 +190,8 @@ def test_label_smoothing_trains_on_the_smoothed_target():
 
 
 def test_zoomed_synthetic_runs_are_labelled_apart():
-    assert synthetic_label({"per_class": 2, "img_size": 32}) == "synthetic"  # checkpoints from before --synthetic-zoom
+    old_checkpoint = {"synthetic": {"per_class": 2, "img_size": 32}}  # from before --synthetic-zoom
+    source = resolve_data_source(argparse.Namespace(synthetic=False, data_root=None), old_checkpoint)
+    assert source["dataset"] == "synthetic" and source["synthetic"]["zoom"] == 1.0
     assert synthetic_label({"per_class": 2, "img_size": 32, "zoom": 1.0}) == "synthetic"
     assert synthetic_label({"per_class": 2, "img_size": 56, "zoom": 4.0}) == "synthetic-zoom4"

@@ -33,8 +33,7 @@ def cache_root() -> Path:
 
 def synthetic_label(synthetic: dict) -> str:
     """The results ``dataset`` of a synthetic set: zoomed sets are ranked apart from the standard one."""
-    zoom = synthetic.get("zoom") or 1.0  # checkpoints from before --synthetic-zoom are zoom 1
-    return "synthetic" if zoom == 1 else f"synthetic-zoom{zoom:g}"
+    return "synthetic" if synthetic["zoom"] == 1 else f"synthetic-zoom{synthetic['zoom']:g}"
 
 
 def resolve_data_source(args: argparse.Namespace, stored: dict | None = None) -> dict:
@@ -45,6 +44,7 @@ def resolve_data_source(args: argparse.Namespace, stored: dict | None = None) ->
         img_size = args.img_size or stored.get("img_size") or DEFAULT_IMG_SIZE
         synthetic = {"per_class": args.synthetic_per_class, "img_size": img_size, "zoom": args.synthetic_zoom}
     if synthetic:
+        synthetic = {**synthetic, "zoom": synthetic.get("zoom") or 1.0}  # checkpoints from before --synthetic-zoom are zoom 1
         return {"dataset": synthetic_label(synthetic), "synthetic": synthetic, "data_root": None}
     return {"dataset": "real", "synthetic": None, "data_root": args.data_root or stored.get("data_root") or DEFAULT_DATA_ROOT}
 
@@ -61,7 +61,7 @@ def prepare_data(args: argparse.Namespace, runtime: Runtime, stored: dict | None
         synthetic = source["synthetic"]
         make = lambda: ensure_synthetic(  # noqa: E731
             cache_root(), synthetic["per_class"], SYNTHETIC_SEED, synthetic["img_size"],
-            like_stitchingnet=synthetic["per_class"] is None, zoom=synthetic.get("zoom") or 1.0,
+            like_stitchingnet=synthetic["per_class"] is None, zoom=synthetic["zoom"],
         )
         if runtime.is_main:
             make()
