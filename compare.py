@@ -6,12 +6,32 @@ Zoo:      python compare.py --zoo seed --img-size 224        (static costs of th
 from __future__ import annotations
 
 import argparse
+import logging
 
+from engine.comparison import (
+    FRONTIER_COLUMN,
+    RESULT_COLUMNS,
+    SORT_KEYS,
+    ZOO_COLUMNS,
+    CompareError,
+    best_per,
+    frontier_labels,
+    load_results,
+    markdown_table,
+    parse_filters,
+    plot_format,
+    plot_pareto,
+    select_rows,
+    sort_rows,
+    table_cells,
+    write_csv,
+    write_text,
+    zoo_rows,
+)
+from engine.run import DEFAULT_IMG_SIZE
 from utils.cli import positive_int, run_cli
-from utils.table import (FRONTIER_COLUMN, RESULT_COLUMNS, SORT_KEYS, ZOO_COLUMNS, CompareError, best_per, frontier_labels,
-                         load_results, markdown_table, parse_filters, plot_format, plot_pareto, select_rows, sort_rows,
-                         table_cells, write_csv, write_text, zoo_rows)
-from utils.workflow import DEFAULT_IMG_SIZE
+
+log = logging.getLogger(__name__)
 
 FRONTIER_NOTE = (f"{FRONTIER_COLUMN}: no row of the same dataset is both cheaper (FLOPs / 1-thread latency) and at least as "
                  "accurate; datasets are sorted and ranked separately.")
@@ -79,7 +99,7 @@ def main(args: argparse.Namespace) -> None:
         plot_pareto(rows, args.plot)
     written = [path for path in (args.markdown, args.csv, args.plot) if path]
     if written:
-        print(f"wrote {', '.join(written)}")
+        log.info("wrote %s", ", ".join(written))
 
 
 if __name__ == "__main__":

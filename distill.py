@@ -9,20 +9,25 @@ Distributed:     torchrun --nproc_per_node 2 distill.py --teacher runs/main/<run
 from __future__ import annotations
 
 import argparse
+import logging
 
 import torch
 
 from data.loading import DataBundle
+from engine.config import RunConfig
+from engine.distillation import DistillationError, check_compatible, distillation_loss_fn, prepare_teacher
+from engine.flags import add_data_args, add_model_args, add_run_args, add_training_args
+from engine.run import finetune, prepare_data, test_predictions
 from models.factory import ModelSpec, create_model, data_config, model_from_checkpoint, resolve_model
 from utils.checkpoint import load_checkpoint
-from utils.cli import add_data_args, add_model_args, add_run_args, add_training_args, run_cli
-from utils.distillation import DistillationError, check_compatible, distillation_loss_fn, prepare_teacher
+from utils.cli import run_cli
+from utils.description import RunDescription
 from utils.distributed import Runtime, broadcast, cleanup, setup_runtime
 from utils.results import print_table
-from utils.workflow import finetune, prepare_data, test_predictions
 
 DEFAULT_STUDENT = "mobilenetv3_small_050"
-RUN_KEYS = ("metrics", "epoch", "val_loss", "val_acc", "teacher")  # a student checkpoint's keys that describe its own run
+
+log = logging.getLogger(__name__)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -60,37 +65,38 @@ def check_flags(args: argparse.Namespace) -> None:
         raise DistillationError("--student-checkpoint replaces --student/--alpha/--weights: give one or the other")
 
 
-def student_starts(args: argparse.Namespace, teacher: dict) -> list[tuple[ModelSpec, dict | None]]:
+def student_starts(args: argparse.Namespace, teacher: RunDescription) -> list[tuple[ModelSpec, dict | None]]:
     """(spec, student checkpoint or None) for each student to distil."""
     if args.student_checkpoint:
         payload = load_checkpoint(args.student_checkpoint)
         stored = payload["description"]
         check_compatible(teacher, stored, args.img_size)
-        return [(ModelSpec(stored["model"], stored.get("family"), stored.get("alpha")), payload)]
+        return [(ModelSpec(stored.model, stored.family, stored.alpha), payload)]
     check_compatible(teacher, None, args.img_size)
     return [(resolve_model(name.strip(), args.alpha), None) for name in args.model.split(",") if name.strip()]
 
 
-def distil_student(spec: ModelSpec, payload: dict | None, teacher: torch.nn.Module, teacher_description: dict,
-                   teacher_info: dict, bundle: DataBundle, args: argparse.Namespace, runtime: Runtime) -> list[dict]:
+def distil_student(spec: ModelSpec, payload: dict | None, teacher: torch.nn.Module, teacher_description: RunDescription,
+                   teacher_info: dict, bundle: DataBundle, args: argparse.Namespace, config: RunConfig,
+                   runtime: Runtime) -> list[dict]:
     """The KD run, then (with --baseline) the student alone from the same start; returns the rows (rank 0)."""
     num_classes = len(bundle.class_names)
     if payload is None:
         norm = data_config(create_model(spec, num_classes, pretrained=False)[0])
-        inherit = {}
+        carried = {}
     else:
-        norm = payload["description"]
-        inherit = {k: v for k, v in payload["description"].items() if k not in RUN_KEYS}
+        stored = payload["description"]
+        norm = {"mean": stored.mean, "std": stored.std}
+        carried = {"pruned": stored.pruned, "extra": stored.extra}  # a pruned student keeps its architecture
     loss_fn = distillation_loss_fn(teacher, args.temperature, args.kd_weight, (norm["mean"], norm["std"]),
-                                   (teacher_description["mean"], teacher_description["std"]))
-    runs = [("kd", loss_fn, {**inherit, "teacher": teacher_info})] + ([("fp32", None, inherit)] if args.baseline else [])
+                                   (teacher_description.mean, teacher_description.std))
+    runs = [("kd", loss_fn, {**carried, "teacher": teacher_info})] + ([("fp32", None, carried)] if args.baseline else [])
     rows = []
-    for method, run_loss_fn, run_inherit in runs:
+    for method, run_loss_fn, sections in runs:
         start = (model_from_checkpoint(payload), True) if payload is not None else None
-        if runtime.is_main:
-            print(f"--- {spec.name}: {'with the teacher (kd)' if run_loss_fn else 'alone (baseline, fp32)'}")
-        _, row = finetune(spec, bundle, args, runtime, script="distill", loss_fn=run_loss_fn, method=method,
-                          start=start, inherit=run_inherit)
+        log.info("--- %s: %s", spec.name, "with the teacher (kd)" if run_loss_fn else "alone (baseline, fp32)")
+        _, row = finetune(spec, bundle, config, runtime, script="distill", loss_fn=run_loss_fn, method=method,
+                          start=start, sections=sections)
         rows.append(row)
     if runtime.is_main:
         kd_acc = rows[0]["test_acc"]
@@ -98,7 +104,7 @@ def distil_student(spec: ModelSpec, payload: dict | None, teacher: torch.nn.Modu
         if args.baseline:
             alone = rows[1]["test_acc"]
             line += f", student alone {alone:.4f} (KD gain {100 * (kd_acc - alone):+.2f} points)"
-        print(line)
+        log.info("%s", line)
     return rows
 
 
@@ -107,21 +113,21 @@ def main(args: argparse.Namespace) -> None:
     teacher_checkpoint = load_checkpoint(args.teacher)
     teacher_description = teacher_checkpoint["description"]
     students = student_starts(args, teacher_description)
-    args = argparse.Namespace(**{**vars(args), "img_size": teacher_description["img_size"]})
+    config = RunConfig.from_flags(vars(args)).with_data(img_size=teacher_description.img_size)
     runtime = setup_runtime(args.device, args.amp)
     try:
-        bundle = prepare_data(args, runtime, stored=teacher_description)
+        bundle = prepare_data(config, runtime, stored=teacher_description)
         teacher = prepare_teacher(model_from_checkpoint(teacher_checkpoint), runtime)
         teacher_acc = None
         if runtime.is_main:
             local = Runtime(runtime.device, amp_dtype=runtime.amp_dtype)
-            teacher_acc = test_predictions(teacher, bundle, teacher_description, args, local).acc
-            print(f"teacher {teacher_description['model']}: test acc {teacher_acc:.4f} ({args.teacher})")
-        teacher_info = {"checkpoint": str(args.teacher), "model": teacher_description["model"],
+            teacher_acc = test_predictions(teacher, bundle, teacher_description, config, local).acc
+            log.info("teacher %s: test acc %.4f (%s)", teacher_description.model, teacher_acc, args.teacher)
+        teacher_info = {"checkpoint": str(args.teacher), "model": teacher_description.model,
                         "test_acc": broadcast(teacher_acc, runtime), "temperature": args.temperature, "kd_weight": args.kd_weight}
         rows = []
         for spec, payload in students:
-            rows += distil_student(spec, payload, teacher, teacher_description, teacher_info, bundle, args, runtime)
+            rows += distil_student(spec, payload, teacher, teacher_description, teacher_info, bundle, args, config, runtime)
         if runtime.is_main:
             print_table(rows)
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import logging
 import platform
 import warnings
 from pathlib import Path
@@ -19,17 +20,22 @@ import torch
 
 from data.loading import make_loader
 from data.transforms import Preprocess
-from deploy.benchmark import benchmark, format_table, write_reports
 from deploy.inference import OnnxModule, all_threads, export_torchscript
 from deploy.onnx_export import check_parity, export_onnx, quantize_onnx
+from deploy.timing import benchmark, format_table, write_reports
+from engine.config import RunConfig
+from engine.flags import add_data_args, add_run_args
+from engine.loop import evaluate
+from engine.run import create_run_dir, prepare_data, record
 from models.factory import model_from_checkpoint
 from models.stats import model_stats, time_runs
 from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.cli import add_data_args, add_run_args, positive_int, run_cli
+from utils.cli import positive_int, run_cli
+from utils.description import RunDescription
 from utils.distributed import Runtime
-from utils.engine import evaluate
 from utils.results import print_table
-from utils.workflow import create_run_dir, prepare_data, record
+
+log = logging.getLogger(__name__)
 
 PARITY_IMAGES = 16
 RESULT_LATENCY_RUNS = 100
@@ -57,7 +63,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "threads, batch-32 throughput; writes benchmark.csv and benchmark.md beside the ONNX file")
     parser.add_argument("--torch-int8", metavar="FILE",
                         help="with --benchmark: a PyTorch INT8 TorchScript file of this checkpoint (from quantization-train.py)")
-    parser.add_argument("--runs", type=positive_int, default=200, help="timed batch-1 runs per artifact and thread count (default: %(default)s)")
+    parser.add_argument("--runs", type=positive_int, default=200,
+                        help="timed batch-1 runs per artifact and thread count (default: %(default)s)")
     add_data_args(parser)
     add_run_args(parser)
     return parser
@@ -83,22 +90,24 @@ def main(args: argparse.Namespace) -> None:
     if args.torch_int8 and not args.benchmark:
         raise CheckpointError("--torch-int8 is only used by --benchmark: add --benchmark")
     payload = load_checkpoint(args.checkpoint)
-    if "quantization" in payload["description"] or payload["description"].get("method") == "qat-fake-quant":
+    stored = payload["description"]
+    if stored.quantization is not None or stored.method == "qat-fake-quant":
         raise CheckpointError(
             f"'{args.checkpoint}' is a PyTorch INT8 checkpoint: export its FP32 source "
-            f"({payload['description'].get('fp32_checkpoint', 'the best.pt it was quantised from')}) with --int8, and benchmark "
+            f"({stored.fp32_checkpoint or 'the best.pt it was quantised from'}) with --int8, and benchmark "
             "the INT8 file with --torch-int8 <run>/int8_<mode>.torchscript.pt")
     model = model_from_checkpoint(payload)
-    description = {**payload["description"], "img_size": args.img_size or payload["description"]["img_size"]}
-    size, mean, std = description["img_size"], description["mean"], description["std"]
+    config = RunConfig.from_flags(vars(args))
+    description = stored.replace(img_size=config.data.img_size or stored.img_size)
+    size, mean, std = description.img_size, description.mean, description.std
     runtime = Runtime(torch.device("cpu"))
-    bundle = prepare_data(args, runtime, stored=description)
+    bundle = prepare_data(config, runtime, stored=description)
     preprocess = Preprocess(mean, std)
     test_loader = make_loader(bundle.parts["test"], preprocess, batch_size=64, workers=args.workers, train=False, seed=args.seed)
     real = torch.stack([preprocess(image) for image in bundle.parts["test"].images[:PARITY_IMAGES]])
     parity_inputs = {"random": torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(args.seed)), "real": real}
 
-    run_dir = create_run_dir(args.output_dir, "export", description["model"], runtime)
+    run_dir = create_run_dir(config.output_dir, "export", description.model, runtime)
     fp32_path = Path(args.out) if args.out else run_dir / "model.onnx"
     stats = model_stats(model, size, len(bundle.class_names))
     rows = []
@@ -112,7 +121,7 @@ def main(args: argparse.Namespace) -> None:
         scripted_path = fp32_path.with_suffix(".torchscript.pt")
         scripted = export_torchscript(model, description, scripted_path)
         check_parity("TorchScript FP32", model, scripted, parity_inputs)
-        print(f"TorchScript FP32: {scripted_path}")
+        log.info("TorchScript FP32: %s", scripted_path)
         artifacts["torchscript-fp32"] = lambda threads: scripted
     if args.torch_int8:
         artifacts["pytorch-int8"] = load_torch_int8(args.torch_int8)
@@ -129,22 +138,23 @@ def main(args: argparse.Namespace) -> None:
 
     print_table(rows)
     if args.benchmark:
-        print(f"benchmark: {len(artifacts)} artifacts, {args.runs} runs each at 1 and {all_threads()} threads ...")
+        log.info("benchmark: %d artifacts, %d runs each at 1 and %d threads ...", len(artifacts), args.runs, all_threads())
         timings = benchmark(artifacts, size, runs=args.runs, warmup=min(20, args.runs))
         print(format_table(timings))
-        context = (f"{description['model']} at {size} px, {len(bundle.class_names)} classes; batch-1 latency over {args.runs} runs "
+        context = (f"{description.model} at {size} px, {len(bundle.class_names)} classes; batch-1 latency over {args.runs} runs "
                    f"after warm-up, batch-32 throughput over 10 runs; CPU {cpu_name()}, {all_threads()} logical cores; "
                    f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; {dt.date.today().isoformat()}")
         write_reports(timings, fp32_path.parent / "benchmark.csv", fp32_path.parent / "benchmark.md", context)
-        print(f"benchmark written to {fp32_path.parent / 'benchmark.csv'} and benchmark.md")
+        log.info("benchmark written to %s and benchmark.md", fp32_path.parent / "benchmark.csv")
 
 
-def score(path: Path, method: str, run_dir: Path, test_loader, bundle, description: dict, stats: dict, args: argparse.Namespace) -> dict:
+def score(path: Path, method: str, run_dir: Path, test_loader, bundle, description: RunDescription, stats: dict,
+          args: argparse.Namespace) -> dict:
     """Test-split accuracy through ONNX Runtime, written as a results row like every other model's (report in run_dir/method)."""
     output = evaluate(OnnxModule(path, all_threads()), test_loader, Runtime(torch.device("cpu")), desc=method)
     row = record(output, bundle, description, run_dir, None, path, args.output_dir, "export", method,
-                 latency_ms=ort_latency_ms(path, description["img_size"]), stats=stats, report_dir=run_dir / method)
-    print(f"{method}: {path} ({row['file_mb']} MB), test acc {row['test_acc']:.4f}, {row['latency_ms_1t']:.2f} ms at 1 thread")
+                 latency_ms=ort_latency_ms(path, description.img_size), stats=stats, report_dir=run_dir / method)
+    log.info("%s: %s (%s MB), test acc %.4f, %.2f ms at 1 thread", method, path, row["file_mb"], row["test_acc"], row["latency_ms_1t"])
     return row
 
 

@@ -9,15 +9,18 @@ import argparse
 import json
 from pathlib import Path
 
+from engine.config import RunConfig
+from engine.flags import add_data_args, add_model_args, add_run_args, add_training_args
+from engine.run import DEFAULT_IMG_SIZE, finetune, prepare_data
 from models.factory import ModelSpec, create_model, resolve_model
 from models.stats import model_stats
 from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.cli import add_data_args, add_model_args, add_run_args, add_training_args, run_cli
+from utils.cli import run_cli
 from utils.distributed import cleanup, setup_runtime
 from utils.results import print_table
-from utils.workflow import DEFAULT_IMG_SIZE, finetune, prepare_data
 
-KEPT_ON_RESUME = ("resume", "device")  # everything else (workers too: they shape the augmentation streams) comes from the checkpoint
+# Kept from the command line on resume; everything else (workers too: they shape the augmentation streams) comes from the checkpoint.
+KEPT_ON_RESUME = ("resume", "device", "verbosity")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -43,26 +46,28 @@ def print_stats(specs: list[ModelSpec], img_size: int, num_classes: int = 11) ->
 
 
 def main(args: argparse.Namespace) -> None:
+    flags = vars(args)
     if args.resume:
         checkpoint = load_checkpoint(args.resume)
         if "resume" not in checkpoint:
             raise CheckpointError(f"'{args.resume}' has no training state: resume from a run's last.pt, not best.pt")
         stored = checkpoint["description"]
-        args = argparse.Namespace(**{**stored["args"], **{k: getattr(args, k) for k in KEPT_ON_RESUME}})
-        specs = [ModelSpec(stored["model"], stored["family"], stored["alpha"])]
+        flags = {**stored.args, **{key: flags[key] for key in KEPT_ON_RESUME}}
+        specs = [ModelSpec(stored.model, stored.family, stored.alpha)]
     else:
         stored, checkpoint = None, None
         specs = [resolve_model(name.strip(), args.alpha) for name in args.model.split(",") if name.strip()]
-    if args.stats_only:
-        print_stats(specs, args.img_size or DEFAULT_IMG_SIZE)
+    config = RunConfig.from_flags(flags)
+    if flags.get("stats_only"):
+        print_stats(specs, config.data.img_size or DEFAULT_IMG_SIZE)
         return
-    runtime = setup_runtime(args.device, args.amp)
+    runtime = setup_runtime(flags["device"], flags["amp"])
     try:
-        bundle = prepare_data(args, runtime, stored=stored)
+        bundle = prepare_data(config, runtime, stored=stored)
         rows = []
         for spec in specs:
             resume_dir = Path(args.resume).parent if checkpoint else None
-            _, row = finetune(spec, bundle, args, runtime, resume=checkpoint, resume_dir=resume_dir)
+            _, row = finetune(spec, bundle, config, runtime, resume=checkpoint, resume_dir=resume_dir)
             rows.append(row)
         if runtime.is_main:
             print_table(rows)

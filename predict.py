@@ -14,8 +14,8 @@ import json
 import sys
 from collections import Counter
 
+from deploy.classify import Prediction, Throughput, find_images, predict
 from deploy.inference import all_threads, load_checkpoint_classifier, load_onnx_classifier
-from deploy.predict import Prediction, Throughput, find_images, predict
 from utils.cli import positive_int, run_cli
 from utils.io import atomic_open
 
@@ -32,7 +32,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true",
                         help="print only a JSON array of {path, class, confidence, defect} on stdout (messages go to stderr)")
     parser.add_argument("--csv", metavar="FILE", help="also write the predictions as CSV")
-    parser.add_argument("--top-k", type=positive_int, default=1, metavar="K", help="also list the K most likely classes (default: %(default)s)")
+    parser.add_argument("--top-k", type=positive_int, default=1, metavar="K",
+                        help="also list the K most likely classes (default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default: %(default)s)")
     parser.add_argument("--threads", type=positive_int, default=all_threads(), help="CPU threads (default: all, %(default)s)")
     return parser

@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 
-from models.factory import model_from_checkpoint
+from engine.config import RunConfig
+from engine.flags import add_data_args, add_run_args, add_training_args
+from engine.loop import evaluate
+from engine.run import create_run_dir, describe, loaders, prepare_data, prepare_model, record, seed_everything, stamp_metrics, train
+from models.factory import ModelSpec, model_from_checkpoint
 from models.pruning import IMPORTANCES, ChannelPruner, PruneConfig, PruningError, architecture, parse_flops
 from models.stats import count_flops, measure_latency, model_stats
 from utils.checkpoint import load_checkpoint
-from utils.cli import add_data_args, add_run_args, add_training_args, positive_int, run_cli
+from utils.cli import positive_int, run_cli
 from utils.distributed import setup_runtime
-from utils.engine import evaluate
 from utils.io import save_json
 from utils.results import print_table
-from utils.workflow import (create_run_dir, describe, loaders, prepare_data, prepare_model, record, seed_everything,
-                            stamp_metrics, train)
+
+log = logging.getLogger(__name__)
 
 TAYLOR_BATCHES = 4  # training batches whose loss gradients score channels for --importance taylor
 
@@ -72,39 +76,40 @@ def main(args: argparse.Namespace) -> None:
     seed_everything(args.seed)
     model = model_from_checkpoint(checkpoint)
     unpruned = copy.deepcopy(model)
-    img_size = args.img_size or stored["img_size"]
+    config = RunConfig.from_flags(vars(args))
+    img_size = config.data.img_size or stored.img_size
     base_flops = count_flops(model, img_size)
-    config = PruneConfig(
+    pruning = PruneConfig(
         args.importance, args.global_pruning, args.iterative_steps, args.round_to, args.ratio,
         parse_flops(args.target_flops, base_flops) if args.target_flops else None,
     )
-    bundle = prepare_data(args, runtime, stored=stored)
-    spec = {"model": stored["model"], "family": stored.get("family"), "alpha": stored.get("alpha")}
-    description = describe("prune", "prune", spec, bundle, img_size, stored["mean"], stored["std"],
-                           pretrained=stored["pretrained"], args=args)
-    data = loaders(bundle, description, args, runtime)
+    bundle = prepare_data(config, runtime, stored=stored)
+    spec = ModelSpec(stored.model, stored.family, stored.alpha)
+    description = describe("prune", "prune", spec, bundle, img_size, stored.mean, stored.std,
+                           pretrained=stored.pretrained, config=config)
+    data = loaders(bundle, description, config, runtime)
     batches = [batch for batch, _ in zip(data["train"], range(TAYLOR_BATCHES))] if args.importance == "taylor" else []
-    pruner = ChannelPruner(model, img_size, config, batches)  # checks --target-flops before any training
-    run_dir = create_run_dir(args.output_dir, "prune", stored["model"], runtime)
+    pruner = ChannelPruner(model, img_size, pruning, batches)  # checks --target-flops before any training
+    run_dir = create_run_dir(config.output_dir, "prune", stored.model, runtime)
     save_json(bundle.split, run_dir / "split.json")
     base_val = evaluate(model, data["val"], runtime, desc="val")
-    print(f"{stored['model']}: {base_flops:,} FLOPs, val acc {base_val.acc:.4f} before pruning; run folder {run_dir}")
+    log.info("%s: %s FLOPs, val acc %.4f before pruning; run folder %s", stored.model, f"{base_flops:,}", base_val.acc, run_dir)
 
     rounds, epochs_run = [], 0
-    for index in range(1, config.steps + 1):
+    for index in range(1, pruning.steps + 1):
         flops = pruner.step(index)
         pruned_val = evaluate(model, data["val"], runtime, desc="val")
         rounds.append({"round": index, "flops": flops, "flops_share": round(flops / base_flops, 4), "val_acc_pruned": pruned_val.acc})
-        print(f"round {index}/{config.steps}: {flops:,} FLOPs ({flops / base_flops:.1%} of the unpruned), "
-              f"val acc {pruned_val.acc:.4f} before fine-tuning")
-        final = index == config.steps
+        log.info("round %d/%d: %s FLOPs (%.1f%% of the unpruned), val acc %.4f before fine-tuning", index, pruning.steps,
+                 f"{flops:,}", 100 * flops / base_flops, pruned_val.acc)
+        final = index == pruning.steps
         if final:
             test_before = evaluate(model, data["test"], runtime, desc="test").acc
-            print(f"test acc {test_before:.4f} before fine-tuning")
+            log.info("test acc %.4f before fine-tuning", test_before)
         round_dir = run_dir if final else run_dir / f"round{index}"
         round_dir.mkdir(exist_ok=True)
-        description["pruned"] = {**config.describe(), "base_flops": base_flops, "architecture": architecture(model)}
-        epochs_run += train(prepare_model(model, runtime), bundle, description, args, runtime, round_dir).epochs_run
+        description = description.replace(pruned={**pruning.describe(), "base_flops": base_flops, "architecture": architecture(model)})
+        epochs_run += train(prepare_model(model, runtime), bundle, description, config, runtime, round_dir).epochs_run
         model.load_state_dict(load_checkpoint(round_dir / "best.pt")["model"])
         rounds[-1]["val_acc_finetuned"] = evaluate(model, data["val"], runtime, desc="val").acc
 
@@ -113,18 +118,18 @@ def main(args: argparse.Namespace) -> None:
     stamp_metrics(best_path, output, len(bundle.class_names))
     unpruned_ms = measure_latency(prepare_model(unpruned, runtime), img_size)  # same process, same memory format
     pruned_ms = measure_latency(model, img_size)
-    row = record(output, bundle, description, run_dir, model, best_path, args.output_dir, "prune", "prune",
+    row = record(output, bundle, description, run_dir, model, best_path, config.output_dir, "prune", "prune",
                  epochs=epochs_run, latency_ms=pruned_ms)
     save_json({
         "unpruned": {**model_stats(unpruned, img_size, len(bundle.class_names)), "latency_ms_1t": unpruned_ms,
                      "val_acc": base_val.acc, "checkpoint": str(args.checkpoint)},
         "pruned": {key: row[key] for key in ("params", "flops", "size_mb", "latency_ms_1t", "test_acc", "defect_recall")}
                   | {"test_acc_before_finetuning": test_before},
-        "config": config.describe(), "rounds": rounds,
+        "config": pruning.describe(), "rounds": rounds,
     }, run_dir / "pruning.json")
-    print(f"test acc {row['test_acc']:.4f} after fine-tuning ({test_before:.4f} before); "
-          f"{row['flops']:,} FLOPs ({row['flops'] / base_flops:.1%}), {row['params']:,} params; "
-          f"1-thread latency {pruned_ms:.2f} ms vs {unpruned_ms:.2f} ms unpruned")
+    log.info("test acc %.4f after fine-tuning (%.4f before); %s FLOPs (%.1f%%), %s params; 1-thread latency %.2f ms vs %.2f ms "
+             "unpruned", row["test_acc"], test_before, f"{row['flops']:,}", 100 * row["flops"] / base_flops, f"{row['params']:,}",
+             pruned_ms, unpruned_ms)
     print_table([row])
 
 

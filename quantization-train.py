@@ -10,29 +10,41 @@ INT8 runs on the CPU. Outputs go to <output-dir>/quantization/<timestamp>_<model
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from data.loading import DataBundle
+from engine.config import RunConfig
+from engine.flags import add_data_args, add_model_args, add_run_args, add_training_args
+from engine.loop import EvalOutput, evaluate
+from engine.run import create_run_dir, finetune, loaders, prepare_data, prepare_model, record, train
 from models.factory import model_from_checkpoint, resolve_model
 from models.quantize import (
-    BACKENDS, calibrate, convert, load_quantized, observers_paused, prepare, qat_schedule, save_quantized, save_torchscript,
+    BACKENDS,
+    calibrate,
+    convert,
+    load_quantized,
+    observers_paused,
+    prepare,
+    qat_schedule,
+    save_quantized,
+    save_torchscript,
     set_backend,
 )
 from models.stats import measure_latency, model_stats
 from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.cli import add_data_args, add_model_args, add_run_args, add_training_args, positive_int, run_cli
+from utils.cli import positive_int, run_cli
+from utils.description import RunDescription
 from utils.distributed import Runtime, cleanup, setup_runtime
-from utils.engine import EvalOutput, evaluate
 from utils.errors import UserError
 from utils.io import save_json
 from utils.results import print_table
-from utils.workflow import create_run_dir, finetune, loaders, prepare_data, prepare_model, record, train
 
 SCRIPT = "quantization"
+log = logging.getLogger(__name__)
 CPU = Runtime(torch.device("cpu"))  # quantised kernels are CPU-only
 
 
@@ -68,18 +80,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def fp32_source(args: argparse.Namespace, runtime: Runtime) -> tuple[Path, dict, DataBundle, Path]:
+def fp32_source(args: argparse.Namespace, config: RunConfig, runtime: Runtime) -> tuple[Path, dict, DataBundle, Path]:
     """The FP32 checkpoint (given, or fine-tuned now), its data and the run folder."""
     if args.checkpoint:
         payload = load_checkpoint(args.checkpoint)
-        if "quantization" in payload["description"]:
+        if payload["description"].quantization is not None:
             raise CheckpointError(f"'{args.checkpoint}' is already INT8: pass the FP32 best.pt it was made from")
-        bundle = prepare_data(args, runtime, stored=payload["description"])
-        run_dir = create_run_dir(args.output_dir, SCRIPT, payload["description"]["model"], runtime)
+        bundle = prepare_data(config, runtime, stored=payload["description"])
+        run_dir = create_run_dir(config.output_dir, SCRIPT, payload["description"].model, runtime)
         return Path(args.checkpoint), payload, bundle, run_dir
     spec = resolve_model(args.model, args.alpha)
-    bundle = prepare_data(args, runtime)
-    run_dir, _ = finetune(spec, bundle, args, runtime, script=SCRIPT)
+    bundle = prepare_data(config, runtime)
+    run_dir, _ = finetune(spec, bundle, config, runtime, script=SCRIPT)
     return run_dir / "best.pt", load_checkpoint(run_dir / "best.pt"), bundle, run_dir
 
 
@@ -89,20 +101,20 @@ def main(args: argparse.Namespace) -> None:
     try:
         if runtime.distributed:
             raise UserError("quantization-train.py runs in one process: fine-tune with torchrun main.py, then pass --checkpoint")
-        quantize(args, runtime)
+        quantize(args, RunConfig.from_flags(vars(args)), runtime)
     finally:
         cleanup(runtime)
 
 
-def quantize(args: argparse.Namespace, runtime: Runtime) -> None:
-    checkpoint, payload, bundle, run_dir = fp32_source(args, runtime)
-    description = {**payload["description"], "img_size": args.img_size or payload["description"]["img_size"]}
-    img_size, num_classes = description["img_size"], len(bundle.class_names)
+def quantize(args: argparse.Namespace, config: RunConfig, runtime: Runtime) -> None:
+    checkpoint, payload, bundle, run_dir = fp32_source(args, config, runtime)
+    description = payload["description"].replace(img_size=config.data.img_size or payload["description"].img_size)
+    img_size, num_classes = description.img_size, len(bundle.class_names)
     try:
         fp32 = model_from_checkpoint(payload)
     except RuntimeError as error:  # load_state_dict: weights of another architecture
         raise CheckpointError(f"'{checkpoint}' holds weights that do not fit its FP32 description ({str(error).splitlines()[0]})") from None
-    data = loaders(bundle, description, args, CPU)
+    data = loaders(bundle, description, config, CPU)
     fp32_test = evaluate(fp32, data["test"], CPU, desc="test fp32")
     stats = model_stats(fp32, img_size, num_classes)
     int8_stats = {**stats, "size_mb": round(stats["params"] / 2**20, 4)}  # one byte per weight
@@ -120,7 +132,7 @@ def quantize(args: argparse.Namespace, runtime: Runtime) -> None:
         # time the saved file as a user loads it: right after QAT training the in-memory model ran 2x slower
         # than the identical graph reloaded from its file (9.3 vs 4.7 ms, mobilenetv3_small_100, 64 px)
         latency = measure_latency(load_quantized(path), img_size)
-        row = record(output, bundle, description, run_dir, None, path, args.output_dir, SCRIPT, method, epochs=epochs,
+        row = record(output, bundle, description, run_dir, None, path, config.output_dir, SCRIPT, method, epochs=epochs,
                      latency_ms=latency, stats=int8_stats, report_dir=run_dir / method)
         rows.append(row)
         summary[method] = {"checkpoint": str(path), "test_acc": output.acc, "test_loss": output.loss, "file_mb": row["file_mb"],
@@ -128,40 +140,38 @@ def quantize(args: argparse.Namespace, runtime: Runtime) -> None:
 
     if args.mode in ("ptq", "both"):
         prepared = prepare(fp32, args.backend, img_size, args.per_channel)
-        plain = argparse.Namespace(**{**vars(args), "augment": 0})
-        used = calibrate(prepared, loaders(bundle, description, plain, CPU)["train"], args.calib_batches,
+        used = calibrate(prepared, loaders(bundle, description, config.with_data(augment=0), CPU)["train"], args.calib_batches,
                          args.calib_batches * args.batch_size)
         finish(convert(prepared, img_size), "ptq", "", calibration_images=used)
     if args.mode in ("qat", "both"):
-        epochs = train_qat(fp32, bundle, description, args, Runtime(runtime.device), run_dir / "qat", data["val"])
+        epochs = train_qat(fp32, bundle, description, args, config, Runtime(runtime.device), run_dir / "qat", data["val"])
         prepared = prepare(fp32, args.backend, img_size, args.per_channel, qat=True)
         prepared.load_state_dict(load_checkpoint(run_dir / "qat" / "best.pt")["model"])
         finish(convert(prepared, img_size), "qat", epochs, observer_epochs=args.observer_epochs,
                bn_freeze_epochs=args.bn_freeze_epochs)
     save_json(summary, run_dir / "summary.json")
-    print(f"FP32 {checkpoint}: test acc {fp32_test.acc:.4f}  file {summary['fp32']['file_mb']:.3f} MB  "
-          f"latency {summary['fp32']['latency_ms_1t']:.2f} ms (1 thread, same process)")
+    log.info("FP32 %s: test acc %.4f  file %.3f MB  latency %.2f ms (1 thread, same process)", checkpoint, fp32_test.acc,
+             summary["fp32"]["file_mb"], summary["fp32"]["latency_ms_1t"])
     print_table(rows, ("model", "method", "test_acc", "test_loss", "macro_f1", "file_mb", "latency_ms_1t"))
-    print(f"INT8 models in {run_dir}")
+    log.info("INT8 models in %s", run_dir)
 
 
-def train_qat(fp32: torch.nn.Module, bundle: DataBundle, description: dict, args: argparse.Namespace, runtime: Runtime,
-              qat_dir: Path, val_loader: DataLoader) -> int:
+def train_qat(fp32: torch.nn.Module, bundle: DataBundle, description: RunDescription, args: argparse.Namespace,
+              config: RunConfig, runtime: Runtime, qat_dir: Path, val_loader: DataLoader) -> int:
     """Fine-tune with fake quantisation through the shared loop; the INT8 copy's val loss picks the best epoch."""
-    img_size = description["img_size"]
+    img_size = description.img_size
     prepared = prepare_model(prepare(fp32, args.backend, img_size, args.per_channel, qat=True), runtime)
-    qat_args = argparse.Namespace(**{**vars(args), "epochs": args.qat_epochs, "lr": args.qat_lr, "lr_backbone": args.qat_lr,
-                                     "warmup_epochs": 0})
+    qat_config = config.with_training(epochs=args.qat_epochs, lr=args.qat_lr, lr_backbone=args.qat_lr, warmup_epochs=0)
 
     def validate() -> EvalOutput:
         with observers_paused(prepared):
             fake = evaluate(prepared, val_loader, runtime, desc="val fake-quant")
         int8 = evaluate(convert(prepared, img_size), val_loader, CPU, desc="val int8")
-        tqdm.write(f"  val fake-quant loss {fake.loss:.4f} acc {fake.acc:.4f} | converted INT8 loss {int8.loss:.4f} acc {int8.acc:.4f}")
+        log.info("  val fake-quant loss %.4f acc %.4f | converted INT8 loss %.4f acc %.4f", fake.loss, fake.acc, int8.loss, int8.acc)
         return int8
 
-    qat_description = {**description, "script": SCRIPT, "method": "qat-fake-quant"}
-    result = train(prepared, bundle, qat_description, qat_args, runtime, qat_dir,
+    qat_description = description.replace(script=SCRIPT, method="qat-fake-quant")
+    result = train(prepared, bundle, qat_description, qat_config, runtime, qat_dir,
                    before_epoch=qat_schedule(prepared, args.observer_epochs, args.bn_freeze_epochs), validate=validate)
     return result.epochs_run
 

@@ -18,6 +18,7 @@ from models.factory import model_from_checkpoint  # noqa: E402
 from models.quantize import load_quantized  # noqa: E402
 from models.stats import measure_latency  # noqa: E402
 from utils.checkpoint import load_checkpoint  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 
 
 def checkpoints(runs: Path) -> list[tuple[str, Path]]:
@@ -28,13 +29,16 @@ def checkpoints(runs: Path) -> list[tuple[str, Path]]:
     return found
 
 
-def main() -> None:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, help="an --output-dir of the toolkit's scripts")
     parser.add_argument("--img-size", type=int, default=224, help="input size (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=300, help="timed calls per model (default: %(default)s)")
-    args = parser.parse_args()
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
     items = checkpoints(args.runs)
     if not items:
         sys.exit(f"error: no best.pt or int8_*.pt under '{args.runs}': pass a folder the scripts wrote to")
@@ -46,4 +50,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, get_args_parser())

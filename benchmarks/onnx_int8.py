@@ -23,13 +23,15 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.transforms import Preprocess  # noqa: E402
-from deploy.benchmark import benchmark, format_table, write_reports  # noqa: E402
 from deploy.inference import OnnxModule, ort_session  # noqa: E402
 from deploy.onnx_export import depthwise_conv_nodes, export_onnx, quantize_onnx  # noqa: E402
+from deploy.timing import benchmark, format_table, write_reports  # noqa: E402
+from engine.config import RunConfig
+from engine.run import prepare_data  # noqa: E402
 from models.factory import model_from_checkpoint  # noqa: E402
 from utils.checkpoint import load_checkpoint  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 from utils.distributed import Runtime  # noqa: E402
-from utils.workflow import prepare_data  # noqa: E402
 
 INTEGER_OPS = {"QLinearConv", "ConvInteger", "QGemm", "MatMulInteger", "QLinearMatMul", "QLinearAdd", "QLinearMul",
                "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearConcat", "QLinearAveragePool", "QLinearLeakyRelu"}
@@ -53,21 +55,24 @@ def describe_ops(ops: Counter) -> str:
     return f"integer: {show(integer)}; float: {show(floating)}; QuantizeLinear+DequantizeLinear left: {qdq}"
 
 
-def main() -> None:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--out-dir", default="runs/int8-study")
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--calibration-images", type=int, default=200)
-    args = parser.parse_args()
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
     payload = load_checkpoint(args.checkpoint)
     description = payload["description"]
     model = model_from_checkpoint(payload)
-    data_args = argparse.Namespace(synthetic=False, data_root=None, img_size=None, seed=description["seed"], synthetic_per_class=None)
-    bundle = prepare_data(data_args, Runtime(torch.device("cpu")), stored=description)
-    preprocess = Preprocess(description["mean"], description["std"])
+    bundle = prepare_data(RunConfig(seed=description.seed), Runtime(torch.device("cpu")), stored=description)
+    preprocess = Preprocess(description.mean, description.std)
     train = bundle.parts["train"].images
-    calibration = torch.stack([preprocess(train[i]) for i in np.random.default_rng(0).permutation(len(train))[:args.calibration_images]]).numpy()
+    calibration = torch.stack([preprocess(train[i])
+                               for i in np.random.default_rng(0).permutation(len(train))[:args.calibration_images]]).numpy()
     test = torch.stack([preprocess(image) for image in bundle.parts["test"].images])
 
     out = Path(args.out_dir)
@@ -94,7 +99,7 @@ def main() -> None:
 
     with torch.inference_mode():
         reference = model(test).argmax(1)
-    lines = [f"# ONNX Runtime INT8 variants: {description['model']} at {description['img_size']} px", ""]
+    lines = [f"# ONNX Runtime INT8 variants: {description.model} at {description.img_size} px", ""]
     for name, path in paths.items():
         agreement = float((OnnxModule(path)(test).argmax(1) == reference).float().mean())
         lines.append(f"- **{name}** ({path.stat().st_size / 2**20:.2f} MB, top-1 agreement with PyTorch FP32 on "
@@ -102,10 +107,10 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     builders = {"pytorch-eager-fp32": lambda threads: model}
     builders.update({name: (lambda threads, p=path: OnnxModule(p, threads)) for name, path in paths.items()})
-    timings = benchmark(builders, description["img_size"], runs=args.runs)
+    timings = benchmark(builders, description.img_size, runs=args.runs)
     print(format_table(timings))
     write_reports(timings, out / "variants.csv", out / "variants.md", "\n".join(lines))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, get_args_parser())

@@ -17,9 +17,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.scan import scan_dataset  # noqa: E402
+from deploy.classify import predict  # noqa: E402
 from deploy.inference import load_checkpoint_classifier  # noqa: E402
-from deploy.predict import predict  # noqa: E402
-from utils.metrics import classification_metrics  # noqa: E402
+from engine.metrics import classification_metrics  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 
 
 def score(checkpoint: Path, samples: Path) -> dict:
@@ -35,14 +36,17 @@ def score(checkpoint: Path, samples: Path) -> dict:
             **{k: round(metrics[k], 4) for k in ("acc", "defect_recall", "false_alarm_rate")}}
 
 
-def main() -> None:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("samples", type=Path, help="folder of {fabric}_{class:02d}_{index}.jpg files")
     parser.add_argument("checkpoints", type=Path, nargs="+", help="best.pt files of any script")
-    args = parser.parse_args()
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
     for checkpoint in args.checkpoints:
         print(json.dumps(score(checkpoint, args.samples)))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, get_args_parser())

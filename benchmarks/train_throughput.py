@@ -1,6 +1,6 @@
 """Images/s of the data pipeline alone, the train step alone and the two together.
 
-Runs the real engine (utils.engine.train_one_epoch) and loaders (data.loading) on
+Runs the real engine (engine.loop.train_one_epoch) and loaders (data.loading) on
 in-RAM random images, so it needs no dataset:
 
     python benchmarks/train_throughput.py --model mobilenetv3_small_050 --img-size 224 --batch-size 32 --augment 1
@@ -20,9 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.loading import CachedImages, make_loader  # noqa: E402
 from data.transforms import Preprocess  # noqa: E402
+from engine.loop import train_one_epoch  # noqa: E402
 from models.factory import create_model, resolve_model  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
 from utils.distributed import Runtime  # noqa: E402
-from utils.engine import train_one_epoch  # noqa: E402
 
 
 def images_per_second(run, batches: int, batch_size: int) -> float:
@@ -32,7 +33,7 @@ def images_per_second(run, batches: int, batch_size: int) -> float:
     return batches * batch_size / (time.perf_counter() - started)
 
 
-def main() -> None:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="mobilenetv3_small_050")
     parser.add_argument("--img-size", type=int, default=224)
@@ -41,8 +42,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20, help="timed batches per measurement")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1], help="DataLoader worker counts to try")
     parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()], help="torch intra-op thread counts to try")
-    args = parser.parse_args()
+    return parser
 
+
+def main(args: argparse.Namespace) -> None:
     n = args.batch_size * (args.batches + 2)
     rng = np.random.default_rng(0)
     data = CachedImages(rng.integers(0, 255, (n, args.img_size, args.img_size, 3), dtype=np.uint8), rng.integers(0, 11, n), [""] * n)
@@ -58,14 +61,16 @@ def main() -> None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         runtime = Runtime(torch.device("cpu"), amp_dtype=amp, channels_last=channels_last)
         batch = next(iter(make_loader(data, preprocess, args.batch_size, 0, train=True, seed=0)))
-        step = images_per_second(lambda k: train_one_epoch(model, [batch] * k, optimizer, runtime, 0), args.batches, args.batch_size)
+        step = images_per_second(lambda k: train_one_epoch(model, [batch] * k, optimizer, runtime, 0), args.batches, args.batch_size)  # noqa: B023 - called at once
         for workers in args.workers:
             loader = make_loader(data, preprocess, args.batch_size, workers, train=True, seed=0)
-            alone = images_per_second(lambda k: sum(1 for _ in itertools.islice(loader, k)), args.batches, args.batch_size)
-            e2e = images_per_second(lambda k: train_one_epoch(model, itertools.islice(loader, k), optimizer, runtime, 0), args.batches, args.batch_size)
+            alone = images_per_second(lambda k: sum(1 for _ in itertools.islice(loader, k)), args.batches, args.batch_size)  # noqa: B023
+            e2e = images_per_second(lambda k: train_one_epoch(model, itertools.islice(loader, k), optimizer, runtime, 0),  # noqa: B023
+                                    args.batches, args.batch_size)
             layout = "channels_last" if channels_last else "contiguous"
-            print(f"| {threads} | {workers} | {layout} | {amp or 'fp32'} | {alone:.0f} | {step:.1f} | {e2e:.1f} | {e2e / step:.0%} |", flush=True)
+            print(f"| {threads} | {workers} | {layout} | {amp or 'fp32'} | {alone:.0f} | "
+                  f"{step:.1f} | {e2e:.1f} | {e2e / step:.0%} |", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, get_args_parser())

@@ -1,14 +1,17 @@
 """Decode and resize images once into one in-RAM array, dropping unreadable files."""
 from __future__ import annotations
 
+import logging
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+
+from utils.logs import progress as progress_bar
+
+log = logging.getLogger(__name__)
 
 
 def read_image(path: Path | str, size: int) -> np.ndarray:
@@ -26,7 +29,7 @@ def _try_read(path: Path, size: int) -> np.ndarray | None:
             raise OSError("empty file")
         return read_image(path, size)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        warnings.warn(f"skipping unreadable image '{path}': {error}", stacklevel=2)
+        log.warning("skipping unreadable image '%s': %s", path, error)
         return None
 
 
@@ -38,7 +41,7 @@ def load_images(root: Path, rel_paths: list[str], size: int, progress: bool = Tr
     """
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         decoded = list(
-            tqdm(
+            progress_bar(
                 pool.map(lambda rel: _try_read(root / rel, size), rel_paths),
                 total=len(rel_paths),
                 desc="decode",

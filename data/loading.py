@@ -1,6 +1,7 @@
 """From a data root (or the synthetic set) to cached train/val/test datasets and loaders."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,8 +13,11 @@ from data.images import load_images
 from data.scan import DatasetError, scan_dataset
 from data.splits import make_split
 from data.transforms import Preprocess
+from utils.description import SyntheticSource
 
 SPLITS = ("train", "val", "test")
+
+log = logging.getLogger(__name__)
 
 
 class CachedImages(Dataset):
@@ -28,7 +32,7 @@ class CachedImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.transform(self.images[index]), int(self.labels[index])
 
-    def with_transform(self, transform: Preprocess) -> "CachedImages":
+    def with_transform(self, transform: Preprocess) -> CachedImages:
         return CachedImages(self.images, self.labels, self.paths, transform)
 
 
@@ -39,7 +43,7 @@ class DataBundle:
     class_names: list[str]
     split: dict
     parts: dict[str, CachedImages]
-    synthetic: dict | None = None  # generator arguments, so a checkpoint can regenerate its data
+    synthetic: SyntheticSource | None = None  # so a checkpoint can regenerate its data
 
 
 def load_data(
@@ -72,6 +76,8 @@ def load_data(
                 "point --data-root at the data the checkpoint was trained on"
             )
         images, kept = load_images(scanned.root, wanted, img_size, progress)
+    log.debug("%s: %d images decoded at %d px (%s split, %.0f MiB in RAM)", root, len(kept), img_size,
+              "new" if split is None else "stored", images.nbytes / 2**20)
     row_of = {p: i for i, p in enumerate(kept)}
     parts = {}
     for name in SPLITS:

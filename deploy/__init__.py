@@ -1,1 +1,1 @@
-"""Deployable artifacts of a checkpoint: ONNX / ONNX Runtime INT8 / TorchScript export, inference, latency benchmark."""
+"""Deployable artifacts of a checkpoint: ONNX / ONNX Runtime INT8 / TorchScript export, inference, timing."""

@@ -1,4 +1,4 @@
-"""Run any artifact behind the nn.Module call (so utils.engine.evaluate scores it), and load what predict needs."""
+"""Run any artifact behind the nn.Module call (so engine.loop.evaluate scores it), and load what predict needs."""
 from __future__ import annotations
 
 import json
@@ -14,6 +14,7 @@ import torch
 from deploy.onnx_export import INPUT_NAME, OUTPUT_NAME, deploy_info, read_deploy_info
 from models.factory import model_from_checkpoint
 from utils.checkpoint import load_checkpoint
+from utils.description import RunDescription
 from utils.errors import UserError
 from utils.io import atomic_path
 
@@ -68,9 +69,9 @@ def load_checkpoint_classifier(path: Path | str, threads: int = all_threads()) -
     return model_from_checkpoint(payload), deploy_info(payload["description"])
 
 
-def export_torchscript(model: torch.nn.Module, description: dict, path: Path) -> torch.jit.ScriptModule:
+def export_torchscript(model: torch.nn.Module, description: RunDescription, path: Path) -> torch.jit.ScriptModule:
     """Traced and frozen FP32 TorchScript (portable: no x86-only fusions); the deploy info rides in extra files."""
-    size = description["img_size"]
+    size = description.img_size
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates TorchScript in favour of torch.export
         scripted = torch.jit.freeze(torch.jit.trace(model.eval(), torch.zeros(1, 3, size, size)))

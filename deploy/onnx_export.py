@@ -6,22 +6,26 @@ metadata, so ``predict.py --onnx model.onnx`` needs no checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import onnx
 import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
+from utils.description import RunDescription
 from utils.errors import UserError
 from utils.io import atomic_path
 
 INPUT_NAME = "input"  # float32 [batch, 3, img_size, img_size], normalised with the stored mean/std
 OUTPUT_NAME = "logits"  # float32 [batch, num_classes], softmax gives the class probabilities
 OPSET = 18  # the dynamo exporter's own opset: asking for 17 triggers a lossy down-conversion
+log = logging.getLogger(__name__)
+
 PARITY_TOLERANCE = 1e-4  # max |logit difference| allowed between PyTorch and ONNX Runtime FP32
 METADATA_KEY = "stitchdefect"
 DEPLOY_KEYS = ("model", "family", "alpha", "method", "num_classes", "class_names", "img_size", "mean", "std", "dataset")
@@ -31,9 +35,9 @@ class ExportError(UserError):
     """An exported artifact does not reproduce the PyTorch model."""
 
 
-def deploy_info(description: dict) -> dict:
-    """The part of a checkpoint description that inference needs."""
-    return {key: description.get(key) for key in DEPLOY_KEYS}
+def deploy_info(description: RunDescription) -> dict:
+    """The part of a checkpoint description that inference needs, as plain data for the artifact's metadata."""
+    return {key: getattr(description, key) for key in DEPLOY_KEYS}
 
 
 def read_deploy_info(model: onnx.ModelProto) -> dict | None:
@@ -50,9 +54,9 @@ def _save_with_info(model: onnx.ModelProto, info: dict, path: Path) -> None:
         onnx.save_model(model, tmp)
 
 
-def export_onnx(model: torch.nn.Module, description: dict, path: Path) -> None:
+def export_onnx(model: torch.nn.Module, description: RunDescription, path: Path) -> None:
     """torch.onnx's dynamo exporter (torch 2.14's default), one self-contained file, dynamic batch axis."""
-    size = description["img_size"]
+    size = description.img_size
     example = torch.zeros(2, 3, size, size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -72,7 +76,7 @@ def check_parity(name: str, reference: torch.nn.Module, candidate: torch.nn.Modu
     """Print the max |logit difference| per input set; raise ExportError above PARITY_TOLERANCE."""
     differences = {label: max_logit_difference(reference, candidate, x) for label, x in inputs.items()}
     shown = ", ".join(f"{label} {value:.2e}" for label, value in differences.items())
-    print(f"{name} vs PyTorch: max |logit diff| {shown} (tolerance {PARITY_TOLERANCE:g})")
+    log.info("%s vs PyTorch: max |logit diff| %s (tolerance %g)", name, shown, PARITY_TOLERANCE)
     if max(differences.values()) > PARITY_TOLERANCE:
         raise ExportError(f"{name} differs from PyTorch by {max(differences.values()):.2e} > {PARITY_TOLERANCE:g}: "
                           "the export is not faithful; report the model name")

@@ -1,1 +1,1 @@
-"""Models: timm factory with width multipliers, and cost statistics."""
+"""Models: timm factory with width multipliers, offline-safe weights, cost statistics, pruning, quantisation."""

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import difflib
-import sys
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlparse
 
 import timm
@@ -13,7 +13,10 @@ import torch
 from timm.models import efficientnet, ghostnet, mobilenetv3, repghost
 
 from models.hub import HUB_TIMEOUT_S, cached_weights, reachable, weights_source
+from models.pruning import apply_architecture
 from utils.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class ModelError(UserError):
@@ -99,7 +102,8 @@ def create_model(spec: ModelSpec, num_classes: int, pretrained: bool = True) -> 
         local = cached_weights(cfg)
         if local is None:
             _warn(f"{urlparse(source).hostname} cannot be reached (gave up after at most {HUB_TIMEOUT_S:g} s) and "
-                  f"{spec.name}'s weights are not cached: starting from random init (pretrained=False). Run once online, or pass --weights FILE")
+                  f"{spec.name}'s weights are not cached: starting from random init (pretrained=False). "
+                  "Run once online, or pass --weights FILE")
             return _build(spec, num_classes, False), False
     try:
         return _build(spec, num_classes, True, local), True
@@ -109,7 +113,7 @@ def create_model(spec: ModelSpec, num_classes: int, pretrained: bool = True) -> 
 
 
 def _warn(message: str) -> None:
-    print(f"\n*** WARNING: {message} ***\n", file=sys.stderr, flush=True)
+    log.warning("*** %s ***", message)
 
 
 def load_weights(model: torch.nn.Module, path: str) -> list[str]:
@@ -153,17 +157,16 @@ def data_config(model: torch.nn.Module) -> dict:
     return {"mean": [float(x) for x in config["mean"]], "std": [float(x) for x in config["std"]]}
 
 
-__all__ = ["FAMILIES", "ModelError", "ModelSpec", "create_model", "data_config", "head_parameters", "load_weights", "model_from_checkpoint", "resolve_model"]
+__all__ = ["FAMILIES", "ModelError", "ModelSpec", "create_model", "data_config", "head_parameters", "load_weights", "model_from_checkpoint",
+           "resolve_model"]
 
 
 def model_from_checkpoint(payload: dict) -> torch.nn.Module:
     """Rebuild the FP32 model a checkpoint describes and load its weights (no pickled modules)."""
     description = payload["description"]
-    spec = ModelSpec(description["model"], description.get("family"), description.get("alpha"))
-    model, _ = create_model(spec, description["num_classes"], pretrained=False)
-    if "pruned" in description:  # prune.py: re-shape the base model to the stored channel counts
-        from models.pruning import apply_architecture  # lazy: models.pruning imports this module
-
-        apply_architecture(model, description["pruned"]["architecture"])
+    spec = ModelSpec(description.model, description.family, description.alpha)
+    model, _ = create_model(spec, description.num_classes, pretrained=False)
+    if description.pruned is not None:  # prune.py: re-shape the base model to the stored channel counts
+        apply_architecture(model, description.pruned["architecture"])
     model.load_state_dict(payload["model"])
     return model.eval()

@@ -7,6 +7,7 @@ random init at once.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -15,6 +16,8 @@ from urllib.parse import urlparse
 
 import huggingface_hub
 import torch
+
+log = logging.getLogger(__name__)
 
 HUB_TIMEOUT_S = 3.0
 _HUB_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -48,6 +51,7 @@ def reachable(url: str, timeout: float = HUB_TIMEOUT_S) -> bool:
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
     thread.join(timeout)
+    log.debug("%s:%d %s", parsed.hostname, port, "answered" if answered else f"did not answer within {timeout:g} s")
     return bool(answered)
 
 

@@ -20,34 +20,39 @@ from __future__ import annotations
 import copy
 import re
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Callable, Iterable, Iterator
 
 import torch
+from timm.layers import BatchNormAct2d
+from timm.layers.linear import Linear as TimmLinear
 from torch import nn
 from torch.ao.nn import intrinsic
 from torch.ao.nn.intrinsic.qat import freeze_bn_stats
 from torch.ao.quantization import (
-    FakeQuantize, FakeQuantizeBase, HistogramObserver, MovingAverageMinMaxObserver, QConfig, QConfigMapping,
-    default_fused_per_channel_wt_fake_quant, default_fused_wt_fake_quant, default_per_channel_weight_observer,
-    default_weight_observer, disable_observer, get_default_qat_qconfig_mapping, get_default_qconfig_mapping,
+    FakeQuantize,
+    FakeQuantizeBase,
+    HistogramObserver,
+    MovingAverageMinMaxObserver,
+    QConfig,
+    QConfigMapping,
+    default_fused_per_channel_wt_fake_quant,
+    default_fused_wt_fake_quant,
+    default_per_channel_weight_observer,
+    default_weight_observer,
+    disable_observer,
+    get_default_qat_qconfig_mapping,
+    get_default_qconfig_mapping,
 )
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
-from timm.layers import BatchNormAct2d
-from timm.layers.linear import Linear as TimmLinear
 
 from models.factory import model_from_checkpoint
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from utils.description import RunDescription
 from utils.errors import UserError
 from utils.io import atomic_path
-
-# torch 2.14 announces the move of FX quantisation to torchao on every call; this toolkit pins
-# torch and documents the choice (docs/quantization.md), so the notice is noise for users.
-warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated", category=DeprecationWarning)
-warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel", category=UserWarning)
-warnings.filterwarnings("ignore", message="Please use quant_min and quant_max", category=UserWarning)
 
 BACKENDS = ("x86", "fbgemm", "qnnpack")  # qnnpack: the ARM kernels of a Raspberry Pi
 MIN_CALIBRATION_IMAGES = 100  # fewer images give noisy activation ranges
@@ -273,19 +278,18 @@ def observers_paused(model: nn.Module) -> Iterator[None]:
 def save_quantized(path: Path | str, converted: torch.fx.GraphModule, fp32_payload: dict, settings: dict,
                    extra: dict | None = None) -> None:
     """INT8 checkpoint: quantised tensors + the FP32 description and tensor shapes to rebuild from."""
-    description = {
-        **fp32_payload["description"], **(extra or {}),
-        "quantization": {**settings, "fp32_shapes": {k: list(v.shape) for k, v in fp32_payload["model"].items()}},
-    }
+    description = fp32_payload["description"].replace(
+        **(extra or {}), quantization={**settings, "fp32_shapes": {k: list(v.shape) for k, v in fp32_payload["model"].items()}},
+    )
     save_checkpoint(path, converted.state_dict(), description)
 
 
-def build_quantized(description: dict) -> torch.fx.GraphModule:
+def build_quantized(description: RunDescription) -> torch.fx.GraphModule:
     """The empty INT8 module a description calls for (weights still to load)."""
-    settings = description["quantization"]
+    settings = description.quantization
     shapes = {k: torch.ones(shape) for k, shape in settings["fp32_shapes"].items()}  # placeholder values: overwritten
     fp32 = model_from_checkpoint({"description": description, "model": shapes})
-    size = description["img_size"]
+    size = description.img_size
     prepared = prepare(fp32, settings["backend"], size, settings["per_channel"], qat=settings["mode"] == "qat")
     with warnings.catch_warnings():  # observers never saw data: their ranges are replaced by the stored ones
         warnings.filterwarnings("ignore", message="must run observer before calling calculate_qparams")
@@ -295,7 +299,7 @@ def build_quantized(description: dict) -> torch.fx.GraphModule:
 def load_quantized(path: Path | str) -> torch.fx.GraphModule:
     """Load an INT8 checkpoint written by quantization-train.py (weights_only, no pickled modules)."""
     payload = load_checkpoint(path)
-    if "quantization" not in payload["description"]:
+    if payload["description"].quantization is None:
         raise CheckpointError(f"'{path}' is an FP32 checkpoint, not an INT8 one: quantise it with quantization-train.py")
     model = build_quantized(payload["description"])
     model.load_state_dict(payload["model"])

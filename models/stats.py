@@ -5,17 +5,11 @@ import copy
 import logging
 import statistics
 import time
-import warnings
-from functools import lru_cache
-from typing import Callable
+from collections.abc import Callable
+from functools import cache
 
+import timm
 import torch
-
-with warnings.catch_warnings():  # fvcore scripts its focal loss at import; torch 2.14 deprecates jit.script
-    warnings.simplefilter("ignore", FutureWarning)
-    from fvcore.nn import FlopCountAnalysis
-
-from models.factory import create_model, resolve_model
 
 REFERENCE_MODEL = "mobilenetv1_100"  # the published table states FLOPs as % of MobileNetV1
 
@@ -31,6 +25,8 @@ def size_mb(params: int) -> float:
 
 def count_flops(model: torch.nn.Module, img_size: int) -> int:
     """fvcore FLOPs (one per multiply-add) for batch 1, 3 x img x img, eval mode."""
+    from fvcore.nn import FlopCountAnalysis  # on first use: its import warns (torch.jit.script), after the CLI's filters are set
+
     model = copy.deepcopy(model).cpu().eval()
     analysis = FlopCountAnalysis(model, torch.zeros(1, 3, img_size, img_size))
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
@@ -39,9 +35,9 @@ def count_flops(model: torch.nn.Module, img_size: int) -> int:
         return int(analysis.total())
 
 
-@lru_cache(maxsize=None)
+@cache
 def reference_flops(img_size: int, num_classes: int) -> int:
-    model, _ = create_model(resolve_model(REFERENCE_MODEL), num_classes, pretrained=False)
+    model = timm.create_model(REFERENCE_MODEL, num_classes=num_classes, pretrained=False)
     return count_flops(model, img_size)
 
 

@@ -16,6 +16,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(ROOT))
 
 from data.stitchingnet import FABRICS, class_folder  # noqa: E402
+from utils.logs import THIRD_PARTY_WARNINGS  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The scripts' third-party warning filters (utils.logs), as pytest filters: one list for both."""
+    for action, message, category, module in THIRD_PARTY_WARNINGS:
+        config.addinivalue_line("filterwarnings", f"{action}:{message}:{category.__name__}:{module}")
 
 
 def write_image(path: Path, label: int, rng: np.random.Generator, size: int = 40) -> None:
@@ -64,3 +71,20 @@ def trained_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) ->
     assert run_script("main.py", *TINY_TRAIN, "--data-root", tiny_dataset, "--epochs", "2", "--output-dir", out) == 0
     (run_dir,) = (out / "main").iterdir()
     return run_dir
+
+
+@pytest.fixture
+def v1_description() -> dict:
+    """A run description exactly as toolkit versions before the typed RunDescription wrote it (schema 1)."""
+    return {
+        "script": "main", "method": "fp32", "model": "mobilenetv3_small_050", "family": None, "alpha": None,
+        "num_classes": 11, "class_names": ["Normal", "Skipped stitch", "Broken stitch", "Pinched fabric", "Crooked seam",
+                                           "Thread sagging", "Puckering", "Stain and damage", "Needle mark", "Bobbin thread pulling up",
+                                           "Overlapped stitch"],
+        "img_size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "pretrained": False,
+        "dataset": "synthetic", "data_root": "/cache/synthetic-v2-n2-s0-32px", "synthetic": {"per_class": 2, "img_size": 32},
+        "augment": 1, "seed": 0, "split": {"seed": 0, "val_share": 0.15, "test_share": 0.15, "test_fabrics": [], "train": [],
+                                           "val": [], "test": []},
+        "args": {"model": "mobilenetv3_small_050", "epochs": 2, "lr": 0.001, "seed": 0, "synthetic": True},
+        "epoch": 2, "val_loss": 2.3, "val_acc": 0.1, "metrics": {"acc": 0.1},
+    }

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import run_script
 
+from engine.comparison import best_per, frontier_labels, load_results, pareto_front, sort_rows
 from utils.results import COLUMNS
-from utils.table import best_per, frontier_labels, load_results, pareto_front, sort_rows
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -6,14 +6,14 @@ import math
 
 import pytest
 import torch
+from conftest import run_script
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import run_script
+from engine.distillation import distillation_loss_fn, kd_loss, prepare_teacher
+from engine.loop import train_one_epoch
 from models.factory import create_model, resolve_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.distillation import distillation_loss_fn, kd_loss, prepare_teacher
 from utils.distributed import Runtime
-from utils.engine import train_one_epoch
 from utils.results import read_rows
 
 STUDENT_TRAIN = ("--student", "lcnet_050", "--no-pretrained", "--batch-size", "16", "--workers", "0")  # image size: the teacher's
@@ -37,8 +37,10 @@ def test_kd_loss_equals_the_hand_computed_value():
     expected = weight * temperature**2 * kl + (1 - weight) * ce
     got = kd_loss(torch.tensor(student), torch.tensor(teacher), torch.tensor(targets), temperature, weight)
     assert got.item() == pytest.approx(expected, rel=1e-6)
-    assert kd_loss(torch.tensor(student), torch.tensor(teacher), torch.tensor(targets), temperature, 0.0).item() == pytest.approx(ce, rel=1e-6)
-    assert kd_loss(torch.tensor(student), torch.tensor(student), torch.tensor(targets), temperature, 1.0).item() == pytest.approx(0.0, abs=1e-7)
+    assert kd_loss(torch.tensor(student), torch.tensor(teacher), torch.tensor(targets),
+                   temperature, 0.0).item() == pytest.approx(ce, rel=1e-6)
+    assert kd_loss(torch.tensor(student), torch.tensor(student), torch.tensor(targets),
+                   temperature, 1.0).item() == pytest.approx(0.0, abs=1e-7)
 
 
 def test_teacher_sees_its_own_normalisation():
@@ -82,39 +84,39 @@ def test_tiny_distillation_with_baseline_end_to_end(trained_run, tmp_path, capsy
                       "--baseline", "--output-dir", tmp_path)
     assert code == 0
     out = capsys.readouterr().out
-    assert f"teacher mobilenetv3_small_050: test acc {teacher['metrics']['acc']:.4f}" in out and "KD gain" in out
+    assert f"teacher mobilenetv3_small_050: test acc {teacher.metrics['acc']:.4f}" in out and "KD gain" in out
     rows = read_rows(tmp_path / "results.csv")
     assert [(r["script"], r["method"], r["model"], r["img_size"]) for r in rows] == [
         ("distill", "kd", "lcnet_050", "32"), ("distill", "fp32", "lcnet_050", "32")]
     kd_run, alone_run = (load_checkpoint(r["checkpoint"])["description"] for r in rows)
     for description in (kd_run, alone_run):
-        assert description["split"] == teacher["split"] and description["class_names"] == teacher["class_names"]
-    assert kd_run["teacher"]["checkpoint"] == str(teacher_path)
-    assert kd_run["teacher"]["test_acc"] == pytest.approx(teacher["metrics"]["acc"])
-    assert "teacher" not in alone_run
+        assert description.split == teacher.split and description.class_names == teacher.class_names
+    assert kd_run.teacher["checkpoint"] == str(teacher_path)
+    assert kd_run.teacher["test_acc"] == pytest.approx(teacher.metrics["acc"])
+    assert alone_run.teacher is None
     kd_weights, alone_weights = (load_checkpoint(r["checkpoint"])["model"] for r in rows)
     assert any(not torch.equal(kd_weights[k], alone_weights[k]) for k in kd_weights)  # the teacher changed the training
-    assert kd_run["metrics"]["acc"] == pytest.approx(float(rows[0]["test_acc"]), abs=1e-6)
+    assert kd_run.metrics["acc"] == pytest.approx(float(rows[0]["test_acc"]), abs=1e-6)
 
 
 def test_student_from_a_checkpoint_keeps_its_architecture_keys(trained_run, tmp_path):
     student = load_checkpoint(trained_run / "best.pt")
     student_path = tmp_path / "student.pt"
-    save_checkpoint(student_path, student["model"], {**student["description"], "origin": "kept"})
+    save_checkpoint(student_path, student["model"], student["description"].replace(extra={"origin": "kept"}))
     code = run_script("distill.py", "--teacher", trained_run / "best.pt", "--student-checkpoint", student_path,
                       "--workers", "0", "--batch-size", "16", "--epochs", "1", "--output-dir", tmp_path)
     assert code == 0
     (row,) = read_rows(tmp_path / "results.csv")
     assert (row["method"], row["model"], row["pretrained"]) == ("kd", "mobilenetv3_small_050", "True")
     description = load_checkpoint(row["checkpoint"])["description"]
-    assert description["origin"] == "kept" and description["script"] == "distill"
-    assert description["metrics"]["acc"] == pytest.approx(float(row["test_acc"]), abs=1e-6)
+    assert description.extra["origin"] == "kept" and description.script == "distill"
+    assert description.metrics["acc"] == pytest.approx(float(row["test_acc"]), abs=1e-6)
 
 
 def _bad_checkpoint(trained_run, tmp_path, **changes) -> str:
     payload = load_checkpoint(trained_run / "best.pt")
     path = tmp_path / f"student_{'_'.join(changes)}.pt"
-    save_checkpoint(path, payload["model"], {**payload["description"], **changes})
+    save_checkpoint(path, payload["model"], payload["description"].replace(**changes))
     return str(path)
 
 
@@ -134,12 +136,13 @@ def _bad_checkpoint(trained_run, tmp_path, **changes) -> str:
 def test_bad_input_gives_one_clear_line(case, message, trained_run, tmp_path, capsys):
     teacher = str(trained_run / "best.pt")
     torch.save({"weights": torch.zeros(1)}, tmp_path / "foreign.pt")
-    classes = load_checkpoint(teacher)["description"]["class_names"]
+    classes = load_checkpoint(teacher)["description"].class_names
     args = {
         "missing teacher": ["--teacher", tmp_path / "nope.pt"],
         "foreign teacher": ["--teacher", tmp_path / "foreign.pt"],
         "image size": ["--teacher", teacher, "--img-size", "48"],
-        "student classes": ["--teacher", teacher, "--student-checkpoint", _bad_checkpoint(trained_run, tmp_path, class_names=classes[::-1])],
+        "student classes": ["--teacher", teacher, "--student-checkpoint",
+                            _bad_checkpoint(trained_run, tmp_path, class_names=classes[::-1])],
         "student image size": ["--teacher", teacher, "--student-checkpoint", _bad_checkpoint(trained_run, tmp_path, img_size=64)],
         "student twice": ["--teacher", teacher, "--student-checkpoint", teacher, "--alpha", "0.5"],
         "kd weight": ["--teacher", teacher, "--kd-weight", "1.5"],

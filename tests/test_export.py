@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from conftest import run_script
+
 from deploy.inference import load_onnx_classifier
 from deploy.onnx_export import PARITY_TOLERANCE
 from models.factory import model_from_checkpoint
@@ -33,6 +33,7 @@ def exported(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     return {"out": out, "fp32": out / "model.onnx", "int8": out / "model.int8.onnx", "stdout": stdout.getvalue()}
 
 
+@pytest.mark.slow
 def test_onnx_matches_pytorch_at_any_batch_size(exported: dict, trained_run: Path) -> None:
     model = model_from_checkpoint(load_checkpoint(trained_run / "best.pt"))
     session, info = load_onnx_classifier(exported["fp32"], threads=1)

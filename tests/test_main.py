@@ -1,7 +1,6 @@
 """main.py end to end: outputs, results table, resume after a kill, DDP, and clear errors."""
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import multiprocessing
@@ -15,12 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import ROOT, TINY_TRAIN, run_script
+
+from engine.config import RunConfig, TrainConfig
+from engine.loop import smoothed_cross_entropy
+from engine.run import build_optimizer, resolve_data_source
 from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.description import RunDescription, SyntheticSource
 from utils.results import COLUMNS, append_result, read_rows
-from utils.engine import smoothed_cross_entropy
-from utils.workflow import build_optimizer, resolve_data_source, synthetic_label
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
@@ -37,7 +38,8 @@ def test_run_folder_holds_checkpoints_reports_and_a_results_row(trained_run):
     rows = read_rows(trained_run.parents[1] / "results.csv")
     assert len(rows) == 1 and list(rows[0]) == list(COLUMNS)
     row = rows[0]
-    assert (row["script"], row["method"], row["model"], row["dataset"], row["pretrained"]) == ("main", "fp32", "mobilenetv3_small_050", "real", "False")
+    assert (row["script"], row["method"], row["model"], row["dataset"], row["pretrained"]) == ("main", "fp32", "mobilenetv3_small_050",
+                                                                                               "real", "False")
     assert int(row["params"]) == 579_499 and float(row["latency_ms_1t"]) > 0
     assert 0 <= float(row["test_acc"]) <= 1 and 0 <= float(row["defect_recall"]) <= 1
     assert float(row["file_mb"]) == pytest.approx((trained_run / "best.pt").stat().st_size / 2**20, abs=1e-3)
@@ -79,6 +81,7 @@ def _final_weights(run_dir: Path) -> dict:
     return torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_an_uninterrupted_run(tiny_dataset, tmp_path):
     flags = (*TINY_TRAIN, "--data-root", tiny_dataset, "--epochs", "4", "--patience", "10")
     assert cli("main.py", *flags, "--output-dir", tmp_path / "full").returncode == 0
@@ -107,6 +110,7 @@ def _append_rows(path: str, worker: int) -> None:
         append_result(path, {"run_id": f"{worker}-{i}", "model": "m", "test_acc": i})
 
 
+@pytest.mark.slow
 def test_concurrent_results_writers_lose_no_row(tmp_path):
     path = str(tmp_path / "results.csv")
     with multiprocessing.get_context("spawn").Pool(4) as pool:
@@ -115,6 +119,7 @@ def test_concurrent_results_writers_lose_no_row(tmp_path):
     assert sorted(r["run_id"] for r in rows) == sorted(f"{w}-{i}" for w in range(4) for i in range(20))
 
 
+@pytest.mark.ddp
 def test_ddp_two_processes_on_cpu(tiny_dataset, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "main.py",
@@ -168,10 +173,10 @@ def test_diverging_loss_stops_with_a_clear_message(tiny_dataset, tmp_path):
 
 def test_warmup_ramps_the_learning_rate_linearly_then_decays():
     model = torch.nn.Linear(4, 11)
-    args = argparse.Namespace(lr=3e-3, lr_backbone=None, weight_decay=0.0, epochs=5, warmup_epochs=2)
-    optimizer, scheduler = build_optimizer(model, args, pretrained=False)
+    training = TrainConfig(lr=3e-3, lr_backbone=None, weight_decay=0.0, epochs=5, warmup_epochs=2)
+    optimizer, scheduler = build_optimizer(model, training, pretrained=False)
     rates = []
-    for _ in range(args.epochs):
+    for _ in range(training.epochs):
         rates.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
@@ -186,12 +191,13 @@ def test_label_smoothing_trains_on_the_smoothed_target():
     smooth, _ = smoothed_cross_entropy(0.1)(model, images, targets)
     assert plain.item() == pytest.approx(F.cross_entropy(logits, targets).item())
     uniform = -logits.log_softmax(1).mean(1)
-    assert smooth.item() == pytest.approx((0.9 * F.cross_entropy(logits, targets, reduction="none") + 0.1 * uniform).mean().item(), rel=1e-5)
+    assert smooth.item() == pytest.approx((0.9 * F.cross_entropy(logits, targets, reduction="none") + 0.1 * uniform).mean().item(),
+                                          rel=1e-5)
 
 
-def test_zoomed_synthetic_runs_are_labelled_apart():
-    old_checkpoint = {"synthetic": {"per_class": 2, "img_size": 32}}  # from before --synthetic-zoom
-    source = resolve_data_source(argparse.Namespace(synthetic=False, data_root=None), old_checkpoint)
-    assert source["dataset"] == "synthetic" and source["synthetic"]["zoom"] == 1.0
-    assert synthetic_label({"per_class": 2, "img_size": 32, "zoom": 1.0}) == "synthetic"
-    assert synthetic_label({"per_class": 2, "img_size": 56, "zoom": 4.0}) == "synthetic-zoom4"
+def test_zoomed_synthetic_runs_are_labelled_apart(v1_description):
+    old_checkpoint = RunDescription.from_dict({**v1_description, "synthetic": {"per_class": 2, "img_size": 32}})  # before --synthetic-zoom
+    synthetic, root = resolve_data_source(RunConfig(), old_checkpoint)
+    assert root is None and synthetic.label == "synthetic" and synthetic.zoom == 1.0
+    assert SyntheticSource(2, 32, 1.0).label == "synthetic"
+    assert SyntheticSource(2, 56, 4.0).label == "synthetic-zoom4"

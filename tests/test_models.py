@@ -1,6 +1,7 @@
 """timm factory, width multiplier parity and the published cost reference values."""
 from __future__ import annotations
 
+import logging
 import time
 
 import huggingface_hub
@@ -33,7 +34,8 @@ def test_family_alpha_is_exactly_timms_variant():
     assert [p.shape for p in model.parameters()] == [p.shape for p in reference.parameters()]
 
 
-@pytest.mark.parametrize("family", ["mobilenetv1", "mobilenetv2", "mobilenetv3_small", "mobilenetv3_large", "lcnet", "mnasnet", "ghostnet", "repghostnet"])
+@pytest.mark.parametrize("family", ["mobilenetv1", "mobilenetv2", "mobilenetv3_small", "mobilenetv3_large", "lcnet", "mnasnet", "ghostnet",
+                                    "repghostnet"])
 def test_every_family_builds_at_any_alpha_with_timm_rounding(family):
     registered = {0.5: f"{family}_050", 1.0: f"{family}_100"}
     for alpha, name in registered.items():
@@ -61,10 +63,10 @@ def test_bad_model_requests_name_the_fix():
         resolve_model("lcnet_050", 0.5)
 
 
-def test_offline_pretrained_falls_back_loudly(capsys):
+def test_offline_pretrained_falls_back_loudly(caplog):
     _, loaded = create_model(resolve_model("lcnet_050"), 11, pretrained=True)
     assert loaded is False
-    assert "WARNING" in capsys.readouterr().err
+    assert [r.levelname for r in caplog.records if "starting from random init" in r.getMessage()] == ["WARNING"]
 
 
 def test_local_weights_replace_a_mismatched_head(tmp_path):
@@ -87,13 +89,13 @@ def unreachable_hub(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
 
 
-def test_unreachable_hub_gives_up_fast_with_one_warning(unreachable_hub, monkeypatch, capsys):
+def test_unreachable_hub_gives_up_fast_with_one_warning(unreachable_hub, monkeypatch, caplog):
     monkeypatch.setattr(factory, "cached_weights", lambda cfg: None)
     started = time.perf_counter()
     model, pretrained = create_model(resolve_model("mobilenetv3_small_050"), 11)
     assert time.perf_counter() - started < hub.HUB_TIMEOUT_S
     assert pretrained is False and count_params(model) == 579_499
-    warnings = [line for line in capsys.readouterr().err.splitlines() if "WARNING" in line]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "127.0.0.1" in warnings[0] and "pretrained=False" in warnings[0]
 
 

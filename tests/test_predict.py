@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SAMPLES, run_script
 from PIL import Image
 
-from conftest import SAMPLES, run_script
 from deploy.onnx_export import export_onnx
 from models.factory import model_from_checkpoint
 from utils.checkpoint import load_checkpoint
@@ -43,7 +43,8 @@ def test_json_lists_every_readable_image_and_warns_about_the_corrupt_one(trained
     assert run_script("predict.py", "--checkpoint", trained_run / "best.pt", image_folder, "--json") == 0
     captured = capsys.readouterr()
     rows = json.loads(captured.out)  # stdout is nothing but the JSON array
-    assert sorted(Path(r["path"]).name for r in rows) == sorted(["gray.png", "rgba.png", *(p.name for p in (image_folder / "line1").iterdir())])
+    assert sorted(Path(r["path"]).name for r in rows) == sorted(["gray.png", "rgba.png",
+                                                                 *(p.name for p in (image_folder / "line1").iterdir())])
     for row in rows:
         assert set(row) == {"path", "class", "confidence", "defect"}
         assert isinstance(row["class"], str) and 0 <= row["confidence"] <= 1 and isinstance(row["defect"], bool)

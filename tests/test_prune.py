@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_script
+
 from models.factory import model_from_checkpoint
 from models.pruning import IMPORTANCES, ChannelPruner, PruneConfig, PruningError, architecture, parse_flops
 from models.quantize import CalibrationWarning, load_quantized
@@ -40,8 +40,8 @@ def test_pruned_run_is_smaller_keeps_the_classes_and_is_recorded(pruned_run, tra
     summary = json.loads((pruned_run / "pruning.json").read_text())
     assert summary["unpruned"]["flops"] == int(unpruned_row["flops"]) and summary["pruned"]["flops"] == int(row["flops"])
     assert summary["unpruned"]["latency_ms_1t"] > 0 and 0 <= summary["pruned"]["test_acc_before_finetuning"] <= 1
-    payload = torch.load(pruned_run / "best.pt", map_location="cpu", weights_only=True)
-    assert payload["description"]["split"] == load_checkpoint(trained_run / "best.pt")["description"]["split"]
+    payload = load_checkpoint(pruned_run / "best.pt")
+    assert payload["description"].split == load_checkpoint(trained_run / "best.pt")["description"].split
     model = model_from_checkpoint(payload)
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 11) and count_params(model) == int(row["params"])
 
@@ -53,13 +53,14 @@ def test_every_importance_removes_channels_and_reloads_identically(importance, t
     batches = [(torch.randn(8, 3, 32, 32), torch.randint(0, 11, (8,)))]
     pruner = ChannelPruner(model, 32, PruneConfig(importance, global_pruning=False, steps=1, ratio=0.5), batches)
     assert pruner.step(1) < flops and count_params(model) < params
-    save_checkpoint(tmp_path / "pruned.pt", model.state_dict(), {**description, "pruned": {"architecture": architecture(model)}})
+    save_checkpoint(tmp_path / "pruned.pt", model.state_dict(), description.replace(pruned={"architecture": architecture(model)}))
     reloaded = model_from_checkpoint(load_checkpoint(tmp_path / "pruned.pt"))
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert reloaded(images).shape == (4, 11) and torch.equal(reloaded(images), model.eval()(images))
 
 
+@pytest.mark.slow
 def test_target_flops_is_met_in_every_round_without_overshooting(trained_run):
     model, _ = _trained_model(trained_run)
     base = count_flops(model, 32)
@@ -75,6 +76,7 @@ def test_flops_targets_parse_units_and_shares():
         parse_flops("lots", 1000)
 
 
+@pytest.mark.slow
 def test_pruned_checkpoint_goes_through_ptq(pruned_run, tmp_path):
     args = ("--checkpoint", pruned_run / "best.pt", "--mode", "ptq", "--calib-batches", "2", "--batch-size", "16", "--workers", "0")
     with pytest.warns(CalibrationWarning, match="calibrated on only"):  # the tiny set has few images

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, run_script
 from torch import nn
 from torch.ao.quantization import get_default_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-from conftest import ROOT, run_script
 from models.factory import model_from_checkpoint
 from models.quantize import CalibrationWarning, QuantizationError, convert, float_batch_norms, load_quantized, prepare
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -37,6 +37,7 @@ def quantized_run(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -
     return run_dir
 
 
+@pytest.mark.slow
 def test_ptq_and_qat_write_int8_artifacts_and_results_rows(quantized_run, trained_run):
     for name in ("int8_ptq.pt", "int8_ptq.torchscript.pt", "int8_qat.pt", "int8_qat.torchscript.pt", "summary.json",
                  "ptq/metrics.json", "qat/metrics.json", "qat/log.csv"):
@@ -44,7 +45,7 @@ def test_ptq_and_qat_write_int8_artifacts_and_results_rows(quantized_run, traine
     rows = read_rows(quantized_run.parents[1] / "results.csv")
     assert [r["method"] for r in rows] == ["ptq", "qat"]
     fp32_mb = (trained_run / "best.pt").stat().st_size / 2**20
-    fp32_acc = load_checkpoint(trained_run / "best.pt")["description"]["metrics"]["acc"]
+    fp32_acc = load_checkpoint(trained_run / "best.pt")["description"].metrics["acc"]
     for row in rows:
         assert (row["script"], row["model"], row["img_size"], row["dataset"]) == ("quantization", "mobilenetv3_small_050", "32", "real")
         assert float(row["file_mb"]) == pytest.approx((quantized_run / f"int8_{row['method']}.pt").stat().st_size / 2**20, abs=1e-3)
@@ -53,7 +54,8 @@ def test_ptq_and_qat_write_int8_artifacts_and_results_rows(quantized_run, traine
     assert abs(float(rows[0]["test_acc"]) - fp32_acc) <= 0.15  # 20 test images: PTQ flips at most 3 predictions
     assert rows[1]["epochs"] == "1"
     description = load_checkpoint(quantized_run / "int8_ptq.pt")["description"]
-    assert description["quantization"]["calibration_images"] == 32 and description["split"] == load_checkpoint(trained_run / "best.pt")["description"]["split"]
+    assert description.quantization["calibration_images"] == 32
+    assert description.split == load_checkpoint(trained_run / "best.pt")["description"].split
 
 
 RELOAD = """
@@ -66,6 +68,7 @@ torch.save(outputs, sys.argv[3])
 """
 
 
+@pytest.mark.slow
 def test_int8_artifacts_reload_in_a_fresh_process_with_identical_outputs(quantized_run, tmp_path):
     x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     torch.save(x, tmp_path / "x.pt")
@@ -146,8 +149,8 @@ def test_bad_inputs_give_one_clear_line(trained_run, quantized_run, tmp_path, ca
     best = trained_run / "best.pt"
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     payload = load_checkpoint(best)
-    classes = [*payload["description"]["class_names"][:-1], "Unknown"]
-    save_checkpoint(tmp_path / "classes.pt", payload["model"], {**payload["description"], "class_names": classes})
+    classes = [*payload["description"].class_names[:-1], "Unknown"]
+    save_checkpoint(tmp_path / "classes.pt", payload["model"], payload["description"].replace(class_names=classes))
     cases = [
         (("--checkpoint", tmp_path / "missing.pt"), "does not exist"),
         (("--checkpoint", tmp_path / "other.pt"), "not a checkpoint of this project"),

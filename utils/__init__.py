@@ -1,1 +1,4 @@
-"""Shared engine: checkpoints, results table, metrics, distributed set-up, training loop, CLI."""
+"""The floor: errors, atomic files, checkpoint format, results file, distributed runtime, logging and CLI edge.
+
+Nothing here imports another package of the project.
+"""

@@ -1,18 +1,15 @@
-"""Flags shared by every script, and the wrapper that turns user errors into one line."""
+"""The command-line edge of every script: value types of flags, logging flags, one-line user errors."""
 from __future__ import annotations
 
 import argparse
-import os
+import logging
 import sys
-from typing import Callable
+from collections.abc import Callable
 
-from data.synthetic import MAX_ZOOM
-from data.transforms import AUGMENT_VERSIONS
 from utils.errors import UserError
+from utils.logs import setup_logging
 
-# On 2 cores a worker process steals the cores the train step needs: 85% vs 68% of the step
-# rate end to end (docs/benchmarks.md), so load in the main process there.
-DEFAULT_WORKERS = 0 if (os.cpu_count() or 1) <= 2 else min(4, (os.cpu_count() or 1) // 2)
+log = logging.getLogger(__name__)
 
 
 def positive_int(text: str) -> int:
@@ -36,95 +33,24 @@ def unit_fraction(text: str) -> float:
     return value
 
 
-def zoom_factor(text: str) -> float:
-    value = float(text)
-    if not 1 <= value <= MAX_ZOOM:
-        raise argparse.ArgumentTypeError(f"must be in [1, {MAX_ZOOM:g}], got {text}")
-    return value
-
-
-def add_data_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("data")
-    group.add_argument("--data-root",
-                       help="StitchingNet folder (<root>/<fabric>/<class>/<image>), a <root>/<class>/<image> tree, "
-                            "or flat {fabric}_{class:02d}_{index}.jpg files (default: a given checkpoint's data, "
-                            "else dataset/StitchingNet)")
-    group.add_argument("--synthetic", action="store_true",
-                       help="use the embedded procedural synthetic StitchingNet (generated once into ~/.cache); "
-                            "results are labelled dataset=synthetic")
-    group.add_argument("--synthetic-per-class", type=positive_int, metavar="N",
-                       help="with --synthetic: N images per (fabric, class) pair instead of the real dataset's size (14,565)")
-    group.add_argument("--synthetic-zoom", type=zoom_factor, default=1.0, metavar="Z",
-                       help="with --synthetic: a Z times closer camera, framing a 224/Z px window around each defect "
-                            "(train at 224/Z px for the same defect size in pixels at Z^2 less compute); results are "
-                            "labelled dataset=synthetic-zoomZ (default: %(default)s)")
-    group.add_argument("--img-size", type=positive_int, help="square input size in pixels (default: a given checkpoint's, else 224)")
-    group.add_argument("--augment", type=int, choices=AUGMENT_VERSIONS, default=1,
-                       help="augmentation version: 0 none, 1 flips + small rotation, 2 = 1 + colour jitter, "
-                            "3 = 2 + blur + noise (default: %(default)s)")
-    group.add_argument("--test-fabrics", metavar="LETTERS", type=lambda s: [f for f in s.split(",") if f],
-                       help="hold these fabrics out as the whole test set, e.g. I,J,K (unseen-fabric generalisation)")
-    group.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="DataLoader worker processes (default: %(default)s)")
-
-
-def add_model_args(parser: argparse.ArgumentParser, default: str = "mobilenetv3_small_050", flag: str = "--model") -> None:
-    """``flag`` renames the model option (distill.py's ``--student``); it always lands in ``args.model``."""
-    group = parser.add_argument_group("model")
-    group.add_argument(flag, dest="model", default=default,
-                       help="timm model name (e.g. mobilenetv3_small_050, lcnet_075, resnet18), or a family "
-                            "(mobilenetv1, mobilenetv2, mobilenetv3_small, mobilenetv3_large, lcnet, mnasnet, ghostnet, "
-                            "repghostnet) with --alpha; comma-separated names train one after another on the same split "
-                            "(default: %(default)s)")
-    group.add_argument("--alpha", type=float, help="width multiplier for a family name, timm's channel rounding (default: 1.0)")
-    group.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
-                       help="start from timm's ImageNet weights; offline, a loud warning and random init (default: on)")
-    group.add_argument("--weights", metavar="FILE", help="start from local weights (a checkpoint of this toolkit or a state dict); "
-                                                          "a classifier of another class count is replaced")
-
-
-def add_training_args(parser: argparse.ArgumentParser, epochs: int = 100, lr: float = 1e-3) -> None:
-    group = parser.add_argument_group("training")
-    group.add_argument("--epochs", type=positive_int, default=epochs, help="maximum epochs (default: %(default)s)")
-    group.add_argument("--batch-size", type=positive_int, default=32, help="batch size per process (default: %(default)s)")
-    group.add_argument("--patience", type=positive_int, default=5,
-                       help="early stopping: epochs without validation-loss improvement (default: %(default)s)")
-    group.add_argument("--lr", type=float, default=lr, help="learning rate of the classifier head (default: %(default)s)")
-    group.add_argument("--lr-backbone", type=float,
-                       help="learning rate of the backbone (default: 1e-4 when pretrained weights were loaded, else --lr)")
-    group.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: %(default)s)")
-    group.add_argument("--label-smoothing", type=unit_fraction, default=0.0,
-                       help="label smoothing of the training loss, in [0, 1); 0.1 steadies from-scratch training "
-                            "(default: %(default)s)")
-    group.add_argument("--warmup-epochs", type=non_negative_int, default=0,
-                       help="linear learning-rate warm-up before the cosine decay; 2-3 helps from random init, where "
-                            "small nets can otherwise stall at predicting the class prior (default: %(default)s)")
-
-
-def add_run_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("run")
-    group.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                       help="mixed precision autocast (default: on for CUDA, off for CPU where it is bf16)")
-    group.add_argument("--seed", type=int, default=2025, help="seed of the split, initialisation and augmentation (default: %(default)s)")
-    group.add_argument("--output-dir", default="runs", help="run folders and results.csv go here (default: %(default)s)")
-
-
-def check_schedule(args: argparse.Namespace) -> None:
-    """Flag combinations argparse cannot check one by one, caught before any data is loaded."""
-    warmup = getattr(args, "warmup_epochs", 0)
-    if warmup and warmup >= args.epochs:
-        raise UserError(f"--warmup-epochs ({warmup}) must be smaller than --epochs ({args.epochs})")
+def add_logging_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("output").add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const="quiet", default="normal",
+                       help="only warnings, errors and the final results (no progress bars)")
+    group.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const="verbose",
+                       help="also debug details (e.g. data loading and cost measurements)")
 
 
 def run_cli(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
-    """Parse flags and run ``main``; a UserError ends the program with one clear line."""
+    """Parse flags, set up logging, run ``main``; a UserError ends the program with one clear line (exit 2)."""
+    add_logging_args(parser)
     args = parser.parse_args()
+    setup_logging(args.verbosity)
     try:
-        check_schedule(args)
         main(args)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        log.error("%s", error)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: resume with --resume <run folder>/last.pt", file=sys.stderr)
+        log.error("interrupted: resume with --resume <run folder>/last.pt")
         sys.exit(130)

@@ -39,7 +39,8 @@ def append_result(path: Path | str, row: dict) -> None:
             writer.writerows(rows + [row])
 
 
-SUMMARY_COLUMNS = ("model", "method", "dataset", "params", "flops", "test_acc", "macro_f1", "defect_recall", "false_alarm_rate", "latency_ms_1t")
+SUMMARY_COLUMNS = ("model", "method", "dataset", "params", "flops", "test_acc", "macro_f1", "defect_recall", "false_alarm_rate",
+                   "latency_ms_1t")
 
 
 def print_table(rows: list[dict], columns: tuple[str, ...] = SUMMARY_COLUMNS) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import csv
 import itertools
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import matplotlib
 
@@ -190,7 +190,8 @@ RESULT_COLUMNS: tuple[tuple[str, str, Callable[[float], str] | None], ...] = (
     ("macro F1", "macro_f1", _fixed(4)),
     ("defect recall", "defect_recall", _percent(100, 2)),
 )
-ZOO_COLUMNS = tuple(spec for spec in RESULT_COLUMNS if spec[1] in ("model", "flops", "flops_pct_mobilenetv1", "size_mb", "params", "img_size"))
+ZOO_COLUMNS = tuple(spec for spec in RESULT_COLUMNS
+                    if spec[1] in ("model", "flops", "flops_pct_mobilenetv1", "size_mb", "params", "img_size"))
 
 
 # The 40 timm models of the published StitchingNet-Finetuning results table (KimJunWon98/StitchingNet-Finetuning README).

@@ -35,7 +35,8 @@ def classification_metrics(targets: np.ndarray, preds: np.ndarray, num_classes: 
     }
 
 
-def write_test_report(out_dir: Path, targets: np.ndarray, preds: np.ndarray, probs: np.ndarray, paths: list[str], class_names: list[str], metrics: dict) -> None:
+def write_test_report(out_dir: Path, targets: np.ndarray, preds: np.ndarray, probs: np.ndarray, paths: list[str], class_names: list[str],
+                      metrics: dict) -> None:
     """metrics.json, classification_report.txt, confusion_matrix.csv/.png, misclassified.csv."""
     labels = list(range(len(class_names)))
     save_json(metrics, out_dir / "metrics.json")

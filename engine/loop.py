@@ -7,24 +7,28 @@ Scripts change behaviour through three small hooks instead of copying the loop:
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from data.loading import seed_epoch
 from utils.checkpoint import rng_state, save_checkpoint, set_rng_state
+from utils.description import RunDescription
 from utils.distributed import Runtime, all_reduce_sum, barrier
 from utils.errors import UserError
 from utils.io import atomic_open
+from utils.logs import progress
+
+log = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -73,7 +77,7 @@ def train_one_epoch(
     """One pass over ``loader``; returns the mean loss and accuracy over all ranks."""
     model.train()
     total_loss = correct = seen = 0.0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1} train", leave=False, disable=not runtime.is_main, dynamic_ncols=True)
+    bar = progress(loader, desc=f"epoch {epoch + 1} train", leave=False, disable=not runtime.is_main)
     for images, targets in bar:
         images, targets = _to_device(images, targets, runtime)
         with _autocast(runtime):
@@ -112,7 +116,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, runtime: Runtime, desc:
     model.eval()
     total_loss = 0.0
     targets, probs = [], []
-    for images, batch_targets in tqdm(loader, desc=desc, leave=False, disable=not runtime.is_main, dynamic_ncols=True):
+    for images, batch_targets in progress(loader, desc=desc, leave=False, disable=not runtime.is_main):
         images, batch_targets = _to_device(images, batch_targets, runtime)
         with _autocast(runtime):
             logits = model(images)
@@ -161,7 +165,7 @@ def fit(
     runtime: Runtime,
     config: FitConfig,
     run_dir: Path,
-    description: dict,
+    description: RunDescription,
     loss_fn: LossFn = cross_entropy_loss,
     before_epoch: Callable[[int], None] | None = None,
     validate: Callable[[], EvalOutput] | None = None,
@@ -207,7 +211,7 @@ def fit(
         if runtime.is_main:
             weights = unwrap(model).state_dict()
             if improved:
-                save_checkpoint(run_dir / "best.pt", weights, {**description, "epoch": epoch + 1, "val_loss": val.loss, "val_acc": val.acc})
+                save_checkpoint(run_dir / "best.pt", weights, description.replace(epoch=epoch + 1, val_loss=val.loss, val_acc=val.acc))
             resume_state = {
                 **state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rng_state(),
@@ -215,11 +219,9 @@ def fit(
             save_checkpoint(run_dir / "last.pt", weights, description, resume_state)
             _write_log(state["history"], run_dir / "log.csv")
             flag = " *" if improved else ""
-            tqdm.write(
-                f"epoch {epoch + 1}/{config.epochs}  train loss {train['loss']:.4f} acc {train['acc']:.4f}  "
-                f"val loss {val.loss:.4f} acc {val.acc:.4f}  {state['history'][-1]['seconds']:.1f}s{flag}"
-            )
+            log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.1fs%s", epoch + 1, config.epochs,
+                     train["loss"], train["acc"], val.loss, val.acc, state["history"][-1]["seconds"], flag)
         barrier(runtime)
-    if runtime.is_main and state["bad_epochs"] >= config.patience and state["epoch"] < config.epochs:
-        tqdm.write(f"early stop: no val-loss improvement for {config.patience} epochs (best epoch {state['best_epoch'] + 1})")
+    if state["bad_epochs"] >= config.patience and state["epoch"] < config.epochs:
+        log.info("early stop: no val-loss improvement for %d epochs (best epoch %d)", config.patience, state["best_epoch"] + 1)
     return FitResult(state["best_epoch"], state["best_val_loss"], state["epoch"], state["history"])

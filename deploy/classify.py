@@ -1,12 +1,12 @@
 """Classify image files with a checkpoint or an ONNX file: find the images, decode them as evaluation does, predict."""
 from __future__ import annotations
 
-import sys
+import logging
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -17,6 +17,8 @@ from data.scan import IMAGE_EXTENSIONS
 from data.stitchingnet import NORMAL_INDEX
 from data.transforms import Preprocess
 from utils.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class NoImagesError(UserError):
@@ -38,10 +40,6 @@ class Prediction:
         return row
 
 
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
 def find_images(paths: list[str]) -> list[Path]:
     """Files as given, plus image-extension files under folders (recursively, sorted); missing paths warn."""
     found: list[Path] = []
@@ -52,7 +50,7 @@ def find_images(paths: list[str]) -> list[Path]:
         elif path.is_file():
             found.append(path)
         else:
-            warn(f"'{path}' does not exist; skipped")
+            log.warning("'%s' does not exist; skipped", path)
     if not found:
         raise NoImagesError(f"no image files found in {', '.join(paths)}: give image files or folders holding "
                             f"{'/'.join(sorted(IMAGE_EXTENSIONS))} files")
@@ -63,7 +61,7 @@ def _decode(path: Path, size: int) -> np.ndarray | None:
     try:
         return np.array(read_image(path, size))  # writable copy, as in the evaluation cache
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        warn(f"skipping '{path}': not a readable image ({error})")
+        log.warning("skipping '%s': not a readable image (%s)", path, error)
         return None
 
 
@@ -76,7 +74,8 @@ def predict(model: torch.nn.Module, info: dict, files: list[Path], top_k: int = 
     with ThreadPoolExecutor() as pool, torch.inference_mode():
         for start in range(0, len(files), batch_size):
             chunk = files[start:start + batch_size]
-            decoded = [(path, image) for path, image in zip(chunk, pool.map(lambda p: _decode(p, info["img_size"]), chunk)) if image is not None]
+            decoded = [(path, image) for path, image in zip(chunk, pool.map(lambda p: _decode(p, info["img_size"]), chunk))
+                       if image is not None]
             readable += len(decoded)
             if not decoded:
                 continue

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import csv
+import logging
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -13,6 +14,8 @@ import torch
 from deploy.inference import all_threads
 from models.stats import time_runs
 from utils.io import atomic_open
+
+log = logging.getLogger(__name__)
 
 # name -> builder(threads) returning the model to time; builders set their own thread count
 ArtifactBuilders = dict[str, Callable[[int], torch.nn.Module]]
@@ -55,7 +58,7 @@ def benchmark(builders: ArtifactBuilders, img_size: int, runs: int = 200, warmup
                 round(statistics.median(many) * 1000, 3), round(float(np.percentile(many, 90)) * 1000, 3),
                 round(32 / statistics.median(batched), 1), round(baseline / median_1t, 2),
             ))
-            print(f"  {name}: {median_1t:.3f} ms at 1 thread", flush=True)
+            log.info("  %s: %.3f ms at 1 thread", name, median_1t)
     finally:
         torch.set_num_threads(previous)
     return results

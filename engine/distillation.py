@@ -1,18 +1,19 @@
 """Hinton knowledge distillation: the loss on logits and the training-loop hook that runs the teacher.
 
-The teacher only changes the loss, so distillation reuses utils.engine's loop through its
+The teacher only changes the loss, so distillation reuses engine.loop's loop through its
 ``loss_fn`` hook: the teacher sees exactly the augmented batch the student sees, in eval mode
 (BatchNorm statistics frozen) and under ``torch.no_grad`` (no graph, no gradients).
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from engine.loop import LossFn
+from utils.description import RunDescription
 from utils.distributed import Runtime
-from utils.engine import LossFn
 from utils.errors import UserError
 
 
@@ -42,7 +43,7 @@ def prepare_teacher(teacher: torch.nn.Module, runtime: Runtime) -> torch.nn.Modu
 
 def distillation_loss_fn(teacher: torch.nn.Module, temperature: float, kd_weight: float,
                          student_norm: tuple[list, list], teacher_norm: tuple[list, list]) -> LossFn:
-    """utils.engine ``loss_fn`` hook: KD loss of the student against the frozen teacher.
+    """engine.loop ``loss_fn`` hook: KD loss of the student against the frozen teacher.
 
     Batches are normalised with the student's (mean, std); where the teacher was trained with
     other statistics, its input is renormalised so it sees what it was trained on.
@@ -69,16 +70,16 @@ def _renormalise(source: tuple[list, list], target: tuple[list, list]) -> Callab
     return lambda images: images * scale.to(images.device) + shift.to(images.device)
 
 
-def check_compatible(teacher: dict, student: dict | None, img_size: int | None) -> None:
+def check_compatible(teacher: RunDescription, student: RunDescription | None, img_size: int | None) -> None:
     """Teacher and student must share the class list and the input size (descriptions of checkpoints)."""
-    if img_size is not None and img_size != teacher["img_size"]:
-        raise DistillationError(f"--img-size {img_size} differs from the teacher's {teacher['img_size']} px: "
+    if img_size is not None and img_size != teacher.img_size:
+        raise DistillationError(f"--img-size {img_size} differs from the teacher's {teacher.img_size} px: "
                                 "drop --img-size (the teacher's size is the default) or use a teacher trained at that size")
     if student is None:
         return
-    if list(student["class_names"]) != list(teacher["class_names"]):
-        raise DistillationError(f"the student checkpoint has classes {student['class_names']} but the teacher "
-                                f"{teacher['class_names']}: distil between models of the same class list")
-    if student["img_size"] != teacher["img_size"]:
-        raise DistillationError(f"the student checkpoint was trained at {student['img_size']} px and the teacher at "
-                                f"{teacher['img_size']} px: use a student and a teacher of the same image size")
+    if student.class_names != teacher.class_names:
+        raise DistillationError(f"the student checkpoint has classes {student.class_names} but the teacher "
+                                f"{teacher.class_names}: distil between models of the same class list")
+    if student.img_size != teacher.img_size:
+        raise DistillationError(f"the student checkpoint was trained at {student.img_size} px and the teacher at "
+                                f"{teacher.img_size} px: use a student and a teacher of the same image size")

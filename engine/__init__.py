@@ -1,0 +1,1 @@
+"""Training engine: the training loop, run lifecycle, run description, metrics, distillation, flags, comparison."""
