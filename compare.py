@@ -12,6 +12,7 @@ from engine.comparison import (
     FRONTIER_COLUMN,
     RESULT_COLUMNS,
     SORT_KEYS,
+    UNRANKED,
     ZOO_COLUMNS,
     CompareError,
     best_per,
@@ -34,7 +35,7 @@ from utils.cli import positive_int, run_cli
 log = logging.getLogger(__name__)
 
 FRONTIER_NOTE = (f"{FRONTIER_COLUMN}: no row of the same dataset is both cheaper (FLOPs / 1-thread latency) and at least as "
-                 "accurate; datasets are sorted and ranked separately.")
+                 f"accurate; datasets are sorted and ranked separately; {UNRANKED}: a blank, NaN or infinite accuracy or cost, not ranked.")
 
 
 def get_args_parser() -> argparse.ArgumentParser:

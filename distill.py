@@ -20,7 +20,7 @@ from engine.flags import add_data_args, add_model_args, add_run_args, add_traini
 from engine.run import finetune, prepare_data, test_predictions
 from models.factory import ModelSpec, create_model, data_config, model_from_checkpoint, resolve_model
 from utils.checkpoint import load_checkpoint
-from utils.cli import run_cli
+from utils.cli import fraction, positive_float, run_cli
 from utils.description import RunDescription
 from utils.distributed import Runtime, broadcast, cleanup, setup_runtime
 from utils.results import print_table
@@ -43,8 +43,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "class list and image size are the defaults")
     group.add_argument("--student-checkpoint", metavar="CHECKPOINT",
                        help="start the student from this checkpoint (fine-tuned or pruned) instead of --student/--alpha")
-    group.add_argument("--temperature", type=float, default=4.0, help="softmax temperature T of the soft labels (default: %(default)s)")
-    group.add_argument("--kd-weight", type=float, default=0.9,
+    group.add_argument("--temperature", type=positive_float, default=4.0,
+                       help="softmax temperature T of the soft labels (default: %(default)s)")
+    group.add_argument("--kd-weight", type=fraction, default=0.9,
                        help="weight of the distillation term; 1 - it weighs the cross-entropy with the labels (default: %(default)s)")
     group.add_argument("--baseline", action="store_true",
                        help="also train the same student with the same seed and schedule without the teacher, "
@@ -57,10 +58,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_flags(args: argparse.Namespace) -> None:
-    if args.temperature <= 0:
-        raise DistillationError(f"--temperature must be > 0, got {args.temperature}")
-    if not 0 <= args.kd_weight <= 1:
-        raise DistillationError(f"--kd-weight must be between 0 and 1, got {args.kd_weight}")
     if args.student_checkpoint and (args.model != DEFAULT_STUDENT or args.alpha is not None or args.weights):
         raise DistillationError("--student-checkpoint replaces --student/--alpha/--weights: give one or the other")
 

@@ -89,6 +89,7 @@ def ort_latency_ms(path: Path, img_size: int) -> float:
 def main(args: argparse.Namespace) -> None:
     if args.torch_int8 and not args.benchmark:
         raise CheckpointError("--torch-int8 is only used by --benchmark: add --benchmark")
+    torch_int8 = load_torch_int8(args.torch_int8) if args.torch_int8 else None  # a bad file fails before any work
     payload = load_checkpoint(args.checkpoint)
     stored = payload["description"]
     if stored.quantization is not None or stored.method == "qat-fake-quant":
@@ -123,8 +124,8 @@ def main(args: argparse.Namespace) -> None:
         check_parity("TorchScript FP32", model, scripted, parity_inputs)
         log.info("TorchScript FP32: %s", scripted_path)
         artifacts["torchscript-fp32"] = lambda threads: scripted
-    if args.torch_int8:
-        artifacts["pytorch-int8"] = load_torch_int8(args.torch_int8)
+    if torch_int8 is not None:
+        artifacts["pytorch-int8"] = torch_int8
     artifacts["onnxruntime-fp32"] = lambda threads: OnnxModule(fp32_path, threads)
 
     if args.int8:
@@ -162,9 +163,14 @@ def load_torch_int8(path: str):
     """Builder for a PyTorch INT8 TorchScript file (its quantised kernels come from torch.backends.quantized.engine)."""
     if not Path(path).is_file():
         raise CheckpointError(f"--torch-int8 file '{path}' does not exist")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        scripted = torch.jit.load(path, map_location="cpu").eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            scripted = torch.jit.load(path, map_location="cpu").eval()
+    except Exception as error:  # torch.jit.load raises many types for a file that is not TorchScript
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"--torch-int8 file '{path}' is not a TorchScript model ({detail}): pass "
+                              "<quantization run>/int8_<mode>.torchscript.pt") from None
     return lambda threads: scripted
 
 

@@ -61,7 +61,7 @@ def main(args: argparse.Namespace) -> None:
         predictions.append(p)
         if not args.json:
             alternatives = "  (" + ", ".join(f"{n} {v:.3f}" for n, v in p.top_k[1:]) + ")" if args.top_k > 1 else ""
-            print(f"{p.path}  {p.label}  {p.confidence:.3f}  {'DEFECT' if p.defect else 'normal'}{alternatives}")
+            print(f"{p.path}  {p.label}  {p.confidence:.3f}  {p.verdict}{alternatives}")
     rate = clock.per_second(len(predictions))
     if args.json:
         json.dump([p.to_dict(args.top_k > 1) for p in predictions], sys.stdout, indent=1)
@@ -69,7 +69,7 @@ def main(args: argparse.Namespace) -> None:
     if args.csv:
         write_csv(predictions, args.csv, args.top_k)
     counts = Counter(p.label for p in predictions)
-    defects = sum(p.defect for p in predictions)
+    defects = sum(p.defect is True for p in predictions)
     print(f"\n{len(predictions)} images classified ({len(files) - len(predictions)} skipped), {defects} defective, "
           f"{rate:.1f} images/s ({info['model']}, {info['img_size']} px)", file=report)
     for name in info["class_names"]:

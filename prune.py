@@ -115,7 +115,7 @@ def main(args: argparse.Namespace) -> None:
 
     best_path = run_dir / "best.pt"
     output = evaluate(model, data["test"], runtime, desc="test")
-    stamp_metrics(best_path, output, len(bundle.class_names))
+    stamp_metrics(best_path, output)
     unpruned_ms = measure_latency(prepare_model(unpruned, runtime), img_size)  # same process, same memory format
     pruned_ms = measure_latency(model, img_size)
     row = record(output, bundle, description, run_dir, model, best_path, config.output_dir, "prune", "prune",

@@ -36,7 +36,7 @@ from models.quantize import (
 )
 from models.stats import measure_latency, model_stats
 from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.cli import positive_int, run_cli
+from utils.cli import non_negative_int, positive_float, positive_int, run_cli
 from utils.description import RunDescription
 from utils.distributed import Runtime, cleanup, setup_runtime
 from utils.errors import UserError
@@ -69,10 +69,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="PTQ calibration batches of --batch-size training images, no augmentation (default: %(default)s)")
     group.add_argument("--qat-epochs", type=positive_int, default=5,
                        help="QAT fine-tuning epochs (--epochs/--lr are the FP32 fine-tune's; default: %(default)s)")
-    group.add_argument("--qat-lr", type=float, default=5e-5, help="QAT learning rate, all layers (default: %(default)s)")
-    group.add_argument("--observer-epochs", type=int, default=3,
+    group.add_argument("--qat-lr", type=positive_float, default=5e-5, help="QAT learning rate, all layers (default: %(default)s)")
+    group.add_argument("--observer-epochs", type=non_negative_int, default=3,
                        help="QAT: freeze activation/weight ranges from this epoch on (default: %(default)s)")
-    group.add_argument("--bn-freeze-epochs", type=int, default=2,
+    group.add_argument("--bn-freeze-epochs", type=non_negative_int, default=2,
                        help="QAT: freeze BatchNorm statistics from this epoch on (default: %(default)s)")
     add_data_args(parser)
     add_training_args(parser)
@@ -110,10 +110,7 @@ def quantize(args: argparse.Namespace, config: RunConfig, runtime: Runtime) -> N
     checkpoint, payload, bundle, run_dir = fp32_source(args, config, runtime)
     description = payload["description"].replace(img_size=config.data.img_size or payload["description"].img_size)
     img_size, num_classes = description.img_size, len(bundle.class_names)
-    try:
-        fp32 = model_from_checkpoint(payload)
-    except RuntimeError as error:  # load_state_dict: weights of another architecture
-        raise CheckpointError(f"'{checkpoint}' holds weights that do not fit its FP32 description ({str(error).splitlines()[0]})") from None
+    fp32 = model_from_checkpoint(payload)
     data = loaders(bundle, description, config, CPU)
     fp32_test = evaluate(fp32, data["test"], CPU, desc="test fp32")
     stats = model_stats(fp32, img_size, num_classes)

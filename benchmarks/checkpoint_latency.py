@@ -18,7 +18,7 @@ from models.factory import model_from_checkpoint  # noqa: E402
 from models.quantize import load_quantized  # noqa: E402
 from models.stats import measure_latency  # noqa: E402
 from utils.checkpoint import load_checkpoint  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
+from utils.cli import positive_int, run_cli  # noqa: E402
 
 
 def checkpoints(runs: Path) -> list[tuple[str, Path]]:
@@ -32,9 +32,9 @@ def checkpoints(runs: Path) -> list[tuple[str, Path]]:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, help="an --output-dir of the toolkit's scripts")
-    parser.add_argument("--img-size", type=int, default=224, help="input size (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=300, help="timed calls per model (default: %(default)s)")
+    parser.add_argument("--img-size", type=positive_int, default=224, help="input size (default: %(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="intra-op threads (default: %(default)s)")
+    parser.add_argument("--repeats", type=positive_int, default=300, help="timed calls per model (default: %(default)s)")
     return parser
 
 

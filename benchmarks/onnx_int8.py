@@ -30,7 +30,7 @@ from engine.config import RunConfig
 from engine.run import prepare_data  # noqa: E402
 from models.factory import model_from_checkpoint  # noqa: E402
 from utils.checkpoint import load_checkpoint  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
+from utils.cli import positive_int, run_cli  # noqa: E402
 from utils.distributed import Runtime  # noqa: E402
 
 INTEGER_OPS = {"QLinearConv", "ConvInteger", "QGemm", "MatMulInteger", "QLinearMatMul", "QLinearAdd", "QLinearMul",
@@ -59,8 +59,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--out-dir", default="runs/int8-study")
-    parser.add_argument("--runs", type=int, default=200)
-    parser.add_argument("--calibration-images", type=int, default=200)
+    parser.add_argument("--runs", type=positive_int, default=200)
+    parser.add_argument("--calibration-images", type=positive_int, default=200)
     return parser
 
 

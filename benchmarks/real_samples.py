@@ -31,7 +31,7 @@ def score(checkpoint: Path, samples: Path) -> dict:
     index = {name: i for i, name in enumerate(info["class_names"])}
     preds = np.array([index[p.label] for p in predict(model, info, files)])
     targets = np.array([index[dataset.class_names[sample.label]] for sample in dataset.samples])
-    metrics = classification_metrics(targets, preds, len(info["class_names"]))
+    metrics = classification_metrics(targets, preds, info["class_names"])
     return {"checkpoint": str(checkpoint), "images": len(targets), "correct": int((preds == targets).sum()),
             **{k: round(metrics[k], 4) for k in ("acc", "defect_recall", "false_alarm_rate")}}
 

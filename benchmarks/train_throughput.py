@@ -19,10 +19,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.loading import CachedImages, make_loader  # noqa: E402
-from data.transforms import Preprocess  # noqa: E402
+from data.transforms import AUGMENT_VERSIONS, Preprocess  # noqa: E402
 from engine.loop import train_one_epoch  # noqa: E402
 from models.factory import create_model, resolve_model  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
+from utils.cli import non_negative_int, positive_int, run_cli  # noqa: E402
 from utils.distributed import Runtime  # noqa: E402
 
 
@@ -36,12 +36,13 @@ def images_per_second(run, batches: int, batch_size: int) -> float:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="mobilenetv3_small_050")
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--augment", type=int, default=1)
-    parser.add_argument("--batches", type=int, default=20, help="timed batches per measurement")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1], help="DataLoader worker counts to try")
-    parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()], help="torch intra-op thread counts to try")
+    parser.add_argument("--img-size", type=positive_int, default=224)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--augment", type=int, choices=AUGMENT_VERSIONS, default=1)
+    parser.add_argument("--batches", type=positive_int, default=20, help="timed batches per measurement")
+    parser.add_argument("--workers", type=non_negative_int, nargs="+", default=[0, 1], help="DataLoader worker counts to try")
+    parser.add_argument("--threads", type=positive_int, nargs="+", default=[torch.get_num_threads()],
+                        help="torch intra-op thread counts to try")
     return parser
 
 

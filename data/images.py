@@ -7,20 +7,45 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from utils.logs import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
 
+SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
+UNSCALED_MODES = {"I": "32-bit integer", "F": "32-bit float"}  # no fixed value range to map onto 0-255
+
+
 def read_image(path: Path | str, size: int) -> np.ndarray:
-    """Any mode (RGBA, grayscale, palette) -> RGB uint8 ``size``x``size`` array."""
+    """Any 8- or 16-bit mode Pillow opens -> RGB uint8 ``size``x``size`` array, upright per its EXIF orientation.
+
+    Alpha is dropped (as torchvision's loader does); 16-bit grey is scaled to 8 bits; 32-bit integer or
+    float pixels raise ValueError, since nothing says which values are black and white.
+    """
     with Image.open(path) as image:
-        image = image.convert("RGB")
+        image = _to_rgb(ImageOps.exif_transpose(image))
         if image.size != (size, size):
             image = image.resize((size, size), Image.BILINEAR)
         return np.asarray(image)
+
+
+def read_rgb(path: Path | str) -> np.ndarray:
+    """``read_image`` at full size (same conversion and orientation): frames of a stream are cut into tiles first."""
+    with Image.open(path) as image:
+        return np.asarray(_to_rgb(ImageOps.exif_transpose(image)))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in UNSCALED_MODES:
+        raise ValueError(f"{UNSCALED_MODES[image.mode]} pixels ({image.mode}): save it as an 8-bit image")
+    if image.mode in SIXTEEN_BIT_MODES:
+        grey = (np.asarray(image).astype(np.uint32) + 128) // 257  # 0..65535 -> 0..255, rounded
+        return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # Pillow's documented route for palettes with a transparent entry
+    return image.convert("RGB")
 
 
 def _try_read(path: Path, size: int) -> np.ndarray | None:

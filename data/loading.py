@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from data.images import load_images
 from data.scan import DatasetError, scan_dataset
 from data.splits import make_split
+from data.stitchingnet import normal_index
 from data.transforms import Preprocess
 from utils.description import SyntheticSource
 
@@ -58,6 +59,13 @@ def load_data(
 ) -> DataBundle:
     """Scan, decode and split. A given ``split`` (e.g. from a checkpoint) is reused exactly."""
     scanned = scan_dataset(root)
+    present = sorted({sample.label for sample in scanned.samples})
+    if len(present) < 2:
+        raise DatasetError(f"all images under '{root}' are of one class ({scanned.class_names[present[0]]}): "
+                           "a classifier needs images of at least two classes")
+    if normal_index(scanned.class_names) is None:
+        log.warning("the classes under '%s' have no Normal class: defect recall and false-alarm rate are undefined "
+                    "(nan in the results)", root)
     if class_names is not None and list(class_names) != scanned.class_names:
         raise DatasetError(
             f"the data under '{root}' has classes {scanned.class_names}, but the checkpoint was "
@@ -82,8 +90,8 @@ def load_data(
     parts = {}
     for name in SPLITS:
         paths = [p for p in split[name] if p in row_of]
-        if not paths:
-            raise DatasetError(f"the {name} split is empty: add images or change the split shares")
+        if not paths or name == "train" and len(paths) < 2:
+            raise DatasetError(f"the {name} split has {len(paths)} images: add images or change the split shares")
         rows = [row_of[p] for p in paths]
         labels = np.array([by_path[p].label for p in paths], dtype=np.int64)
         parts[name] = CachedImages(images[rows], labels, paths)
@@ -108,13 +116,14 @@ def make_loader(
     elif not train and world_size > 1:
         dataset = Subset(dataset, range(rank, len(dataset), world_size))
     generator = torch.Generator().manual_seed(seed)
+    per_process = len(sampler) if sampler is not None else len(dataset)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=train and sampler is None,
         sampler=sampler,
         num_workers=workers,
-        drop_last=False,
+        drop_last=train and per_process % batch_size == 1,  # BatchNorm cannot train on a last batch of one image
         generator=generator,
         worker_init_fn=_seed_worker,
     )

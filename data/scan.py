@@ -6,12 +6,15 @@ public StitchingNet samples).
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from data.stitchingnet import CLASS_KEYS, CLASSES, normalise_name
 from utils.errors import UserError
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 _SAMPLE_NAME = re.compile(r"^([A-Za-z])_(\d{2})_[^/]*$")
@@ -82,6 +85,10 @@ def scan_dataset(root: Path | str) -> ScannedDataset:
         ordered = sorted(display)
         class_names = [display[k] for k in ordered]
         index = {k: i for i, k in enumerate(ordered)}
+        foreign = sorted(display[k] for k in keys - CLASS_KEYS.keys())
+        if keys & CLASS_KEYS.keys():  # a StitchingNet tree with strangers: probably a mistake
+            log.warning("class folders %s under '%s' are not StitchingNet classes: the %d folder names become the "
+                        "classes, in name order", foreign, root, len(class_names))
     samples = [Sample(rel, index[normalise_name(name)], fabric) for rel, name, fabric in entries]
     return ScannedDataset(root, samples, class_names)
 

@@ -16,7 +16,6 @@ CLASSES: tuple[str, ...] = (
     "Bobbin thread pulling up",
     "Overlapped stitch",
 )
-NORMAL_INDEX = 0
 
 # Fabric letter -> folder name as in the Kaggle download ("A. Cotton-Poly", ...).
 FABRICS: dict[str, str] = {
@@ -50,3 +49,13 @@ def normalise_name(name: str) -> str:
 
 
 CLASS_KEYS: dict[str, int] = {normalise_name(c): i for i, c in enumerate(CLASSES)}
+
+
+def normal_index(class_names: list[str] | tuple[str, ...]) -> int | None:
+    """Index of the Normal class in a class list, found by name (None when the list has none).
+
+    Every other class is a defect. A dataset with folders outside StitchingNet's classes is ordered
+    by name, so Normal is not always class 0.
+    """
+    normal = normalise_name(CLASSES[0])
+    return next((i for i, name in enumerate(class_names) if normalise_name(name) == normal), None)

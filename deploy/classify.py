@@ -14,7 +14,7 @@ from PIL import Image
 
 from data.images import read_image
 from data.scan import IMAGE_EXTENSIONS
-from data.stitchingnet import NORMAL_INDEX
+from data.stitchingnet import normal_index
 from data.transforms import Preprocess
 from utils.errors import UserError
 
@@ -30,8 +30,12 @@ class Prediction:
     path: str
     label: str
     confidence: float
-    defect: bool
+    defect: bool | None  # None: the model has no Normal class
     top_k: list[tuple[str, float]]
+
+    @property
+    def verdict(self) -> str:
+        return {True: "DEFECT", False: "normal", None: "-"}[self.defect]
 
     def to_dict(self, with_top_k: bool) -> dict:
         row = {"path": self.path, "class": self.label, "confidence": round(self.confidence, 6), "defect": self.defect}
@@ -69,6 +73,9 @@ def predict(model: torch.nn.Module, info: dict, files: list[Path], top_k: int = 
     """Predictions in file order; unreadable files are skipped with a warning on stderr (all unreadable: NoImagesError)."""
     preprocess = Preprocess(info["mean"], info["std"])
     names = info["class_names"]
+    normal = normal_index(names)
+    if normal is None:
+        log.warning("the model's classes %s have no Normal class: predictions carry no defect flag", names)
     k = min(top_k, len(names))
     readable = 0
     with ThreadPoolExecutor() as pool, torch.inference_mode():
@@ -82,7 +89,7 @@ def predict(model: torch.nn.Module, info: dict, files: list[Path], top_k: int = 
             probs = model(torch.stack([preprocess(image) for _, image in decoded])).float().softmax(1)
             values, indices = probs.topk(k, dim=1)
             for (path, _), top_values, top_indices in zip(decoded, values.tolist(), indices.tolist()):
-                yield Prediction(str(path), names[top_indices[0]], top_values[0], top_indices[0] != NORMAL_INDEX,
+                yield Prediction(str(path), names[top_indices[0]], top_values[0], None if normal is None else top_indices[0] != normal,
                                  [(names[i], v) for i, v in zip(top_indices, top_values)])
     if not readable:
         raise NoImagesError(f"none of the {len(files)} files given could be read as an image")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import itertools
+import logging
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -23,52 +25,64 @@ from models.factory import create_model, resolve_model  # noqa: E402
 from models.stats import model_stats  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.io import atomic_open, atomic_path  # noqa: E402
-from utils.results import COLUMNS  # noqa: E402
+from utils.results import COLUMNS, read_results  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 
 class CompareError(UserError):
     """A results file or option compare.py cannot use; the message says what to do."""
 
 
-CORE_COLUMNS = ("model", "test_acc", "flops")
 NUMERIC_COLUMNS = ("params", "flops", "flops_pct_mobilenetv1", "size_mb", "file_mb", "test_acc", "test_loss",
                    "macro_f1", "defect_recall", "latency_ms_1t")
 SORT_KEYS = {"flops": ("flops", False), "acc": ("test_acc", True), "latency": ("latency_ms_1t", False), "size": ("file_mb", False)}
 FRONTIER_COSTS = {"FLOPs": "flops", "latency": "latency_ms_1t"}
 FRONTIER_COLUMN = "Pareto front"
+UNRANKED = "n/a"  # the frontier cell of a row that lacks the numbers to be ranked on any frontier
 
 
 def number(row: dict, column: str) -> float | None:
-    """The column's value as a float, None when blank (load_results already rejected non-numbers)."""
+    """The column's value as a float; None when blank or NaN/infinite, so such a value is never ranked or
+    compared (NaN compares false both ways and would put its row on every frontier). load_results already
+    rejected non-numbers."""
     text = (row.get(column) or "").strip()
-    return float(text) if text else None
+    value = float(text) if text else math.nan
+    return value if math.isfinite(value) else None
 
 
 def _read_file(path: Path) -> list[dict]:
+    """The file's rows, every schema column, stripped; parsed by the one strict reader of results files."""
     if path.is_dir():
         path = path / "results.csv"
     if not path.is_file():
         raise CompareError(f"results file '{path}' does not exist: pass a results.csv (by default runs/results.csv) or its folder")
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            if reader.fieldnames is None:  # an empty file: no rows yet
-                return []
-            header = reader.fieldnames
-            missing = [c for c in CORE_COLUMNS if c not in header]
-            if missing:
-                raise CompareError(f"'{path}' is not a results table: it lacks the column(s) {', '.join(missing)} "
-                                   f"(expected the results.csv that main.py and the other scripts write)")
-            rows = [{column: (raw.get(column) or "").strip() for column in COLUMNS} for raw in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise CompareError(f"'{path}' is not a readable CSV file ({error})") from None
-    for line, row in enumerate(rows, start=2):
+    table = read_results(path)
+    rows = [{column: row[column].strip() for column in COLUMNS} for row in table.rows]
+    for line, row in zip(table.lines, rows):
         for column in NUMERIC_COLUMNS:
             try:
                 number(row, column)
             except ValueError:
                 raise CompareError(f"'{path}' line {line}: {column} '{row[column]}' is not a number; fix or delete that row") from None
+    _warn_unranked(path, rows, table.lines)
     return rows
+
+
+def _unusable(row: dict) -> bool:
+    """Accuracy or FLOPs blank or not finite, or a latency given but not finite (older schemas have none)."""
+    return (any(number(row, column) is None for column in ("test_acc", "flops"))
+            or (row["latency_ms_1t"] != "" and number(row, "latency_ms_1t") is None))
+
+
+def _warn_unranked(path: Path, rows: list[dict], lines: tuple[int, ...]) -> None:
+    """One line per file, so a NaN row is noticed rather than silently left off the frontiers."""
+    bad = [line for line, row in zip(lines, rows) if _unusable(row)]
+    if bad:
+        shown = ("lines " if len(bad) > 1 else "line ") + ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        log.warning("'%s': %d row(s) with a blank, NaN or infinite test_acc, flops or latency_ms_1t (%s) are not "
+                    "ranked where that number is needed (%s '%s' when on no frontier); fix or delete them",
+                    path, len(bad), shown, FRONTIER_COLUMN, UNRANKED)
 
 
 def load_results(paths: Iterable[Path | str]) -> list[dict]:
@@ -145,9 +159,13 @@ def pareto_front(rows: list[dict], cost: str, value: str = "test_acc") -> list[b
 
 
 def frontier_labels(rows: list[dict]) -> list[str]:
-    """Per row: which frontiers it is on, e.g. 'FLOPs+latency'."""
+    """Per row: which frontiers it is on, e.g. 'FLOPs+latency'; 'n/a' when it cannot be ranked on any."""
     fronts = {name: pareto_front(rows, cost) for name, cost in FRONTIER_COSTS.items()}
-    return ["+".join(name for name in fronts if fronts[name][i]) for i in range(len(rows))]
+    labels = []
+    for i, row in enumerate(rows):
+        rankable = number(row, "test_acc") is not None and any(number(row, cost) is not None for cost in FRONTIER_COSTS.values())
+        labels.append("+".join(name for name in fronts if fronts[name][i]) if rankable else UNRANKED)
+    return labels
 
 
 def sort_rows(rows: list[dict], key: str) -> list[dict]:

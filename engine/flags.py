@@ -6,7 +6,15 @@ import os
 
 from data.synthetic import MAX_ZOOM
 from data.transforms import AUGMENT_VERSIONS
-from utils.cli import non_negative_int, positive_int, unit_fraction
+from utils.cli import (
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    random_seed,
+    training_batch_size,
+    unit_fraction,
+)
 from utils.errors import UserError
 
 # On 2 cores a worker process steals the cores the train step needs: 85% vs 68% of the step
@@ -42,7 +50,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                             "3 = 2 + blur + noise (default: %(default)s)")
     group.add_argument("--test-fabrics", metavar="LETTERS", type=lambda s: [f for f in s.split(",") if f],
                        help="hold these fabrics out as the whole test set, e.g. I,J,K (unseen-fabric generalisation)")
-    group.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="DataLoader worker processes (default: %(default)s)")
+    group.add_argument("--workers", type=non_negative_int, default=DEFAULT_WORKERS,
+                       help="DataLoader worker processes (default: %(default)s)")
 
 
 def add_model_args(parser: argparse.ArgumentParser, default: str = "mobilenetv3_small_050", flag: str = "--model") -> None:
@@ -53,7 +62,7 @@ def add_model_args(parser: argparse.ArgumentParser, default: str = "mobilenetv3_
                             "(mobilenetv1, mobilenetv2, mobilenetv3_small, mobilenetv3_large, lcnet, mnasnet, ghostnet, "
                             "repghostnet) with --alpha; comma-separated names train one after another on the same split "
                             "(default: %(default)s)")
-    group.add_argument("--alpha", type=float, help="width multiplier for a family name, timm's channel rounding (default: 1.0)")
+    group.add_argument("--alpha", type=positive_float, help="width multiplier for a family name, timm's channel rounding (default: 1.0)")
     group.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                        help="start from timm's ImageNet weights; offline, a loud warning and random init (default: on)")
     group.add_argument("--weights", metavar="FILE", help="start from local weights (a checkpoint of this toolkit or a state dict); "
@@ -63,13 +72,14 @@ def add_model_args(parser: argparse.ArgumentParser, default: str = "mobilenetv3_
 def add_training_args(parser: argparse.ArgumentParser, epochs: int = 100, lr: float = 1e-3) -> None:
     group = parser.add_argument_group("training")
     group.add_argument("--epochs", type=positive_int, default=epochs, help="maximum epochs (default: %(default)s)")
-    group.add_argument("--batch-size", type=positive_int, default=32, help="batch size per process (default: %(default)s)")
+    group.add_argument("--batch-size", type=training_batch_size, default=32, help="batch size per process, at least 2 "
+                                                                               "(default: %(default)s)")
     group.add_argument("--patience", type=positive_int, default=5,
                        help="early stopping: epochs without validation-loss improvement (default: %(default)s)")
-    group.add_argument("--lr", type=float, default=lr, help="learning rate of the classifier head (default: %(default)s)")
-    group.add_argument("--lr-backbone", type=float,
+    group.add_argument("--lr", type=positive_float, default=lr, help="learning rate of the classifier head (default: %(default)s)")
+    group.add_argument("--lr-backbone", type=positive_float,
                        help="learning rate of the backbone (default: 1e-4 when pretrained weights were loaded, else --lr)")
-    group.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: %(default)s)")
+    group.add_argument("--weight-decay", type=non_negative_float, default=0.01, help="AdamW weight decay (default: %(default)s)")
     group.add_argument("--label-smoothing", type=unit_fraction, default=0.0,
                        help="label smoothing of the training loss, in [0, 1); 0.1 steadies from-scratch training "
                             "(default: %(default)s)")
@@ -83,7 +93,8 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                        help="mixed precision autocast (default: on for CUDA, off for CPU where it is bf16)")
-    group.add_argument("--seed", type=int, default=2025, help="seed of the split, initialisation and augmentation (default: %(default)s)")
+    group.add_argument("--seed", type=random_seed, default=2025,
+                       help="seed of the split, initialisation and augmentation (default: %(default)s)")
     group.add_argument("--output-dir", default="runs", help="run folders and results.csv go here (default: %(default)s)")
 
 

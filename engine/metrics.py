@@ -11,27 +11,29 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support  # noqa: E402
 
-from data.stitchingnet import NORMAL_INDEX  # noqa: E402
+from data.stitchingnet import normal_index  # noqa: E402
 from utils.io import atomic_open, atomic_path, save_json  # noqa: E402
 
 
-def classification_metrics(targets: np.ndarray, preds: np.ndarray, num_classes: int, normal_index: int = NORMAL_INDEX) -> dict:
+def classification_metrics(targets: np.ndarray, preds: np.ndarray, class_names: list[str]) -> dict:
     """Accuracy, macro precision/recall/F1, and the two QC figures.
 
     defect_recall: share of defective images not predicted Normal (a caught defect, whatever type).
     false_alarm_rate: share of Normal images predicted defective.
+    Both are NaN when the class list has no Normal class (found by name, not position).
     """
-    labels = list(range(num_classes))
+    labels = list(range(len(class_names)))
     precision, recall, f1, _ = precision_recall_fscore_support(targets, preds, labels=labels, average="macro", zero_division=0)
-    defective = targets != normal_index
-    normal = ~defective
+    normal_class = normal_index(class_names)
+    normal = targets == normal_class
+    defective = ~normal if normal_class is not None else np.zeros_like(normal)
     return {
         "acc": float((targets == preds).mean()) if len(targets) else float("nan"),
         "macro_precision": float(precision),
         "macro_recall": float(recall),
         "macro_f1": float(f1),
-        "defect_recall": float((preds[defective] != normal_index).mean()) if defective.any() else float("nan"),
-        "false_alarm_rate": float((preds[normal] != normal_index).mean()) if normal.any() else float("nan"),
+        "defect_recall": float((preds[defective] != normal_class).mean()) if defective.any() else float("nan"),
+        "false_alarm_rate": float((preds[normal] != normal_class).mean()) if normal.any() else float("nan"),
     }
 
 

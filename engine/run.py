@@ -22,8 +22,8 @@ from models.stats import measure_latency, model_stats
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.description import RunDescription, SyntheticSource
 from utils.distributed import Runtime, barrier, broadcast
-from utils.io import save_json
-from utils.results import append_result
+from utils.io import make_unique_dir, save_json
+from utils.results import append_result, check_results_file
 
 DEFAULT_DATA_ROOT = "dataset/StitchingNet"
 DEFAULT_IMG_SIZE = 224
@@ -74,16 +74,11 @@ def prepare_data(config: RunConfig, runtime: Runtime, stored: RunDescription | N
 
 def create_run_dir(output_dir: str | Path, script: str, model_name: str, runtime: Runtime) -> Path:
     """``<output-dir>/<script>/<timestamp>_<model>/``, unique, the same on every rank."""
+    check_results_file(Path(output_dir) / "results.csv")  # all ranks, before training: the row must be appendable
     name = None
     if runtime.is_main:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        base = Path(output_dir) / script
-        name = f"{stamp}_{model_name}"
-        suffix = 1
-        while (base / name).exists():
-            suffix += 1
-            name = f"{stamp}_{model_name}-{suffix}"
-        (base / name).mkdir(parents=True)
+        name = make_unique_dir(Path(output_dir) / script, f"{stamp}_{model_name}").name
     return Path(output_dir) / script / broadcast(name, runtime)
 
 
@@ -156,14 +151,15 @@ def test_predictions(model: torch.nn.Module, bundle: DataBundle, description: Ru
     return evaluate(model, loaders(bundle, description, config, runtime)["test"], runtime, desc="test")
 
 
-def test_metrics(output: EvalOutput, num_classes: int) -> dict:
-    return {**classification_metrics(output.targets, output.preds, num_classes), "loss": output.loss}
+def test_metrics(output: EvalOutput, class_names: list[str]) -> dict:
+    return {**classification_metrics(output.targets, output.preds, class_names), "loss": output.loss}
 
 
-def stamp_metrics(checkpoint: Path, output: EvalOutput, num_classes: int) -> None:
+def stamp_metrics(checkpoint: Path, output: EvalOutput) -> None:
     """Re-save a best.pt with its test metrics, so the checkpoint describes itself completely."""
     best = load_checkpoint(checkpoint)
-    save_checkpoint(checkpoint, best["model"], best["description"].replace(metrics=test_metrics(output, num_classes)))
+    description = best["description"]
+    save_checkpoint(checkpoint, best["model"], description.replace(metrics=test_metrics(output, description.class_names)))
 
 
 def record(output: EvalOutput, bundle: DataBundle, description: RunDescription, run_dir: Path, model_for_cost: torch.nn.Module | None,
@@ -176,7 +172,7 @@ def record(output: EvalOutput, bundle: DataBundle, description: RunDescription, 
     reports of several methods of one run apart (e.g. ``<run>/ptq``, ``<run>/qat``).
     """
     num_classes = len(bundle.class_names)
-    metrics = test_metrics(output, num_classes)
+    metrics = test_metrics(output, bundle.class_names)
     write_test_report(report_dir or run_dir, output.targets, output.preds, output.probs, bundle.parts["test"].paths, bundle.class_names,
                       metrics)
     img_size = description.img_size
@@ -225,6 +221,8 @@ def finetune(spec: ModelSpec, bundle: DataBundle, config: RunConfig, runtime: Ru
     img_size = config.data.img_size or DEFAULT_IMG_SIZE
     description = describe(script, method, spec, bundle, img_size, **data_config(model), pretrained=pretrained, config=config)
     description = description.replace(**(sections or {}))
+    if resume_dir is not None:
+        check_results_file(Path(config.output_dir) / "results.csv")  # create_run_dir checks it for new runs
     run_dir = resume_dir or create_run_dir(config.output_dir, script, spec.name, runtime)
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -243,7 +241,7 @@ def finetune(spec: ModelSpec, bundle: DataBundle, config: RunConfig, runtime: Ru
     if runtime.is_main:
         local = Runtime(runtime.device, amp_dtype=runtime.amp_dtype)
         output = test_predictions(net, bundle, description, config, local)
-        stamp_metrics(best_path, output, num_classes)
+        stamp_metrics(best_path, output)
         row = record(output, bundle, description, run_dir, net, best_path, config.output_dir, script, method, epochs=result.epochs_run)
         log.info("test acc %.4f  loss %.4f  defect recall %.4f  false alarms %.4f  (best epoch %d)", row["test_acc"],
                  row["test_loss"], row["defect_recall"], row["false_alarm_rate"], result.best_epoch + 1)

@@ -14,6 +14,7 @@ from timm.models import efficientnet, ghostnet, mobilenetv3, repghost
 
 from models.hub import HUB_TIMEOUT_S, cached_weights, reachable, weights_source
 from models.pruning import apply_architecture
+from utils.checkpoint import CheckpointError
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -168,5 +169,9 @@ def model_from_checkpoint(payload: dict) -> torch.nn.Module:
     model, _ = create_model(spec, description.num_classes, pretrained=False)
     if description.pruned is not None:  # prune.py: re-shape the base model to the stored channel counts
         apply_architecture(model, description.pruned["architecture"])
-    model.load_state_dict(payload["model"])
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as error:  # missing, unexpected or mis-shaped tensors
+        raise CheckpointError(f"the checkpoint's weights do not fit the {description.model} it describes "
+                              f"({str(error).splitlines()[0]})") from None
     return model.eval()

@@ -132,3 +132,46 @@ def test_bad_input_is_one_line_and_exit_2(case: str, tmp_path: Path, capsys: pyt
 def write_text(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def test_nan_or_blank_numbers_are_never_on_a_front_and_do_not_disturb_the_others(tmp_path: Path) -> None:
+    rows = loaded([
+        result("good", 200, 0.90, 2.0),
+        result("nan_acc", 100, "nan", 1.0),        # would otherwise dominate nothing and sit on both fronts
+        result("nan_flops", "NaN", 0.99, 9.0),     # still comparable on latency
+        result("inf_latency", 250, 0.95, "inf"),   # an infinite cost is no cost to rank
+        result("no_acc", 50, ""),
+    ], tmp_path)
+    assert pareto_front(rows, "flops") == [True, False, False, True, False]
+    assert pareto_front(rows, "latency_ms_1t") == [True, False, True, False, False]
+    assert frontier_labels(rows) == ["FLOPs+latency", "n/a", "latency", "FLOPs", "n/a"]
+    assert [r["model"] for r in sort_rows(rows, "acc")] == ["nan_flops", "inf_latency", "good", "nan_acc", "no_acc"]
+    assert [r["model"] for r in sort_rows(rows, "flops")] == ["no_acc", "nan_acc", "good", "inf_latency", "nan_flops"]
+    assert [r["model"] for r in best_per(rows + [dict(rows[0], test_acc="nan", date="2027")], "best")][0] == "good"
+
+
+def test_compare_warns_once_about_unranked_rows(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_results(tmp_path / "r.csv", [result("good", 200, 0.9, 2.0), result("nan_acc", 100, "nan", 1.0),
+                                              result("old", 300, 0.95)])  # a blank latency (older schema) is no warning
+    assert run_script("compare.py", path) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.strip()]
+    assert warnings == [f"warning: '{path}': 1 row(s) with a blank, NaN or infinite test_acc, flops or latency_ms_1t (line 3) "
+                        "are not ranked where that number is needed (Pareto front 'n/a' when on no frontier); fix or delete them"]
+    cells = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in captured.out.splitlines() if line.startswith("| ")}
+    assert cells["nan_acc"] == "n/a" and cells["good"] == "FLOPs+latency" and cells["old"] == "FLOPs"
+
+
+@pytest.mark.parametrize("damage, line, words", [
+    ('x,"abc\n', 3, "a quote opened on this line is never closed"),
+    ("x,y\n", 3, f"2 fields, the header has {len(COLUMNS)}"),
+])
+def test_damaged_results_file_is_one_error_naming_file_and_line(damage: str, line: int, words: str, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    path = write_results(tmp_path / "results.csv", [result("m", 100, 0.9)])
+    path.write_text(path.read_text() + damage)
+    table, merged = tmp_path / "table.md", tmp_path / "merged.csv"
+    assert run_script("compare.py", tmp_path, "--markdown", table, "--csv", merged) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"error: results file '{path}' line {line}: {words}; fix or delete that line, or move the file away"
+    assert captured.out == "" and not table.exists() and not merged.exists()

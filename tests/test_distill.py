@@ -129,8 +129,6 @@ def _bad_checkpoint(trained_run, tmp_path, **changes) -> str:
         ("student classes", "distil between models of the same class list"),
         ("student image size", "trained at 64 px and the teacher at 32 px"),
         ("student twice", "--student-checkpoint replaces"),
-        ("kd weight", "--kd-weight must be between 0 and 1"),
-        ("temperature", "--temperature must be > 0"),
     ],
 )
 def test_bad_input_gives_one_clear_line(case, message, trained_run, tmp_path, capsys):
@@ -145,8 +143,6 @@ def test_bad_input_gives_one_clear_line(case, message, trained_run, tmp_path, ca
                             _bad_checkpoint(trained_run, tmp_path, class_names=classes[::-1])],
         "student image size": ["--teacher", teacher, "--student-checkpoint", _bad_checkpoint(trained_run, tmp_path, img_size=64)],
         "student twice": ["--teacher", teacher, "--student-checkpoint", teacher, "--alpha", "0.5"],
-        "kd weight": ["--teacher", teacher, "--kd-weight", "1.5"],
-        "temperature": ["--teacher", teacher, "--temperature", "0"],
     }[case]
     assert run_script("distill.py", *args, "--output-dir", tmp_path) == 2
     err = capsys.readouterr().err

@@ -140,7 +140,6 @@ def test_ddp_two_processes_on_cpu(tiny_dataset, tmp_path):
     [
         (("--data-root", "/nonexistent/StitchingNet"), "Kaggle"),
         (("--model", "mobilenetv3_smal"), "unknown model"),
-        (("--model", "lcnet", "--alpha", "-1"), "--alpha must be > 0"),
         (("--warmup-epochs", "5", "--epochs", "5"), "--warmup-epochs (5) must be smaller than --epochs (5)"),
         (("--resume", "/nonexistent/last.pt"), "does not exist"),
     ],
@@ -154,7 +153,8 @@ def test_bad_input_gives_one_clear_line(args, message):
 
 
 @pytest.mark.parametrize("args, message", [(("--label-smoothing", "1"), "--label-smoothing: must be in [0, 1)"),
-                                           (("--synthetic", "--synthetic-zoom", "8"), "--synthetic-zoom: must be in [1, 4]")])
+                                           (("--synthetic", "--synthetic-zoom", "8"), "--synthetic-zoom: must be in [1, 4]"),
+                                           (("--model", "lcnet", "--alpha", "-1"), "--alpha: must be a positive number, got -1")])
 def test_out_of_range_flags_are_refused_before_any_work(args, message):
     result = cli("main.py", *args)
     assert result.returncode == 2 and "Traceback" not in result.stderr

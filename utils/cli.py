@@ -3,34 +3,66 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Callable
+from typing import TypeVar
 
 from utils.errors import UserError
 from utils.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
+Number = TypeVar("Number", int, float)
+SEED_LIMIT = 2**32  # NumPy's (and scikit-learn's) seeds are in [0, 2**32)
+
+
+def _in_range(value: Number, ok: bool, requirement: str, text: str) -> Number:
+    """``value`` if ``ok``, else argparse's one-line refusal: ``argument --x: must be <requirement>, got <text>``."""
+    if not ok:
+        raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+    return value
+
 
 def positive_int(text: str) -> int:
     value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+    return _in_range(value, value > 0, "a positive integer", text)
 
 
 def non_negative_int(text: str) -> int:
     value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
-    return value
+    return _in_range(value, value >= 0, "0 or a positive integer", text)
+
+
+def training_batch_size(text: str) -> int:
+    """BatchNorm needs at least two images per training batch."""
+    value = int(text)
+    return _in_range(value, value >= 2, "at least 2 (BatchNorm trains on batch statistics)", text)
+
+
+def random_seed(text: str) -> int:
+    value = int(text)
+    return _in_range(value, 0 <= value < SEED_LIMIT, f"in [0, {SEED_LIMIT - 1}]", text)
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    return _in_range(value, math.isfinite(value) and value > 0, "a positive number", text)
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    return _in_range(value, math.isfinite(value) and value >= 0, "0 or a positive number", text)
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    return _in_range(value, 0 <= value <= 1, "in [0, 1]", text)
 
 
 def unit_fraction(text: str) -> float:
     value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
+    return _in_range(value, 0 <= value < 1, "in [0, 1)", text)
 
 
 def add_logging_args(parser: argparse.ArgumentParser) -> None:

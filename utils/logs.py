@@ -62,8 +62,13 @@ def setup_logging(verbosity: str = "normal") -> None:
     root.setLevel(logging.WARNING)  # third-party libraries: warnings and errors only
     for name in PROJECT_LOGGERS:
         logging.getLogger(name).setLevel(level)
-    logging.captureWarnings(True)  # warnings.warn from libraries reach the same handler once
+    logging.captureWarnings(True)  # warnings.warn reach the same handler, as one line
+    warnings.formatwarning = _one_line
     filter_third_party_warnings()
+
+
+def _one_line(message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
+    return f"{message} ({category.__name__})"
 
 
 def filter_third_party_warnings() -> None:
