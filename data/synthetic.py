@@ -35,6 +35,7 @@ _SS = 2  # supersampling of drawn threads (anti-aliasing)
 # trained from scratch on it stayed near chance (docs/synthetic.md, learnability).
 _SEAM_SCALE = 2.5
 _MIN_SEVERITY = 0.6
+MIN_IMG_SIZE = 8  # smaller images cannot hold a stitch
 MAX_ZOOM = 4.0  # beyond it the window (56 px) no longer holds a whole defect
 _FABRIC_INDEX = {letter: i for i, letter in enumerate(FABRICS)}
 _NAME = re.compile(r"^[A-K]_\d{2}_\d{4,}\.jpg$")
@@ -665,8 +666,8 @@ def generate(out_dir: Path, per_class: int | None = None, seed: int = 0, like_st
     """
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    if img_size < 8:
-        raise ValueError(f"img_size must be >= 8, got {img_size}")
+    if img_size < MIN_IMG_SIZE:
+        raise ValueError(f"img_size must be >= {MIN_IMG_SIZE}, got {img_size}")
     if not 1 <= zoom <= MAX_ZOOM:
         raise ValueError(f"zoom must be in [1, {MAX_ZOOM}], got {zoom}")
     plan = plan_counts(like_stitchingnet, per_class)

@@ -12,7 +12,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from data.loading import DataBundle, load_data, make_loader
-from data.synthetic import ensure_synthetic
+from data.synthetic import MIN_IMG_SIZE, ensure_synthetic
 from data.transforms import Preprocess
 from engine.config import RunConfig, TrainConfig
 from engine.loop import EvalOutput, FitConfig, FitResult, LossFn, evaluate, fit, smoothed_cross_entropy, unwrap
@@ -22,6 +22,7 @@ from models.stats import measure_latency, model_stats
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.description import RunDescription, SyntheticSource
 from utils.distributed import Runtime, barrier, broadcast
+from utils.errors import UserError
 from utils.io import make_unique_dir, save_json
 from utils.results import append_result, check_results_file
 
@@ -44,6 +45,8 @@ def resolve_data_source(config: RunConfig, stored: RunDescription | None = None)
     data = config.data
     if data.synthetic:
         img_size = data.img_size or (stored.img_size if stored else None) or DEFAULT_IMG_SIZE
+        if img_size < MIN_IMG_SIZE:
+            raise UserError(f"--img-size {img_size} is below the synthetic set's minimum of {MIN_IMG_SIZE} px")
         return SyntheticSource(data.synthetic_per_class, img_size, data.synthetic_zoom), None
     if data.data_root is None and stored is not None and stored.synthetic is not None:
         return stored.synthetic, None

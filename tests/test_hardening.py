@@ -113,6 +113,12 @@ def test_weights_that_do_not_fit_the_description_are_one_line(trained_run, tmp_p
     assert "do not fit the lcnet_050" in line
 
 
+def test_synthetic_images_below_the_generator_minimum_are_one_line(tmp_path, capsys):
+    assert run_script("main.py", "--synthetic", "--synthetic-per-class", "1", "--img-size", "4", "--output-dir", tmp_path) == 2
+    (line,) = _error_lines(capsys)
+    assert "--img-size 4 is below the synthetic set's minimum of 8 px" in line and not list(tmp_path.iterdir())
+
+
 def test_a_single_class_dataset_is_refused(tmp_path, capsys):
     """Row 11: accuracy 1.0 on one class says nothing."""
     rng = np.random.default_rng(0)
