@@ -20,7 +20,8 @@ import torch
 
 from data.loading import make_loader
 from data.transforms import Preprocess
-from deploy.inference import OnnxModule, all_threads, export_torchscript
+from deploy.edge import all_threads
+from deploy.inference import OnnxModule, export_torchscript
 from deploy.onnx_export import check_parity, export_onnx, quantize_onnx
 from deploy.timing import benchmark, format_table, write_reports
 from engine.config import RunConfig

@@ -14,8 +14,8 @@ import json
 import sys
 from collections import Counter
 
-from deploy.classify import Prediction, Throughput, find_images, predict
-from deploy.inference import all_threads, load_checkpoint_classifier, load_onnx_classifier
+from deploy.edge import EdgeClassifier, all_threads
+from deploy.files import Prediction, Throughput, classify_files, find_images
 from utils.cli import positive_int, run_cli
 from utils.io import atomic_open
 
@@ -27,7 +27,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", metavar="FILE", help="best.pt of any run (PyTorch inference)")
-    source.add_argument("--onnx", metavar="FILE", help="model.onnx or model.int8.onnx from export.py (ONNX Runtime; needs nothing else)")
+    source.add_argument("--onnx", metavar="FILE",
+                        help="model.onnx or model.int8.onnx from export.py (ONNX Runtime; needs neither the checkpoint nor torch)")
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
     parser.add_argument("--json", action="store_true",
                         help="print only a JSON array of {path, class, confidence, defect} on stdout (messages go to stderr)")
@@ -50,14 +51,17 @@ def write_csv(predictions: list[Prediction], path: str, top_k: int) -> None:
 
 def main(args: argparse.Namespace) -> None:
     if args.onnx:
-        model, info = load_onnx_classifier(args.onnx, args.threads)
+        classifier = EdgeClassifier(args.onnx, args.threads)
     else:
-        model, info = load_checkpoint_classifier(args.checkpoint, args.threads)
+        from deploy.classify import TorchClassifier  # imported here so that the ONNX path never imports torch
+
+        classifier = TorchClassifier.from_checkpoint(args.checkpoint, args.threads)
+    info = classifier.info
     files = find_images(args.paths)
     clock = Throughput()
     report = sys.stderr if args.json else sys.stdout
     predictions = []
-    for p in predict(model, info, files, args.top_k, args.batch_size):
+    for p in classify_files(classifier, info, files, args.top_k, args.batch_size):
         predictions.append(p)
         if not args.json:
             alternatives = "  (" + ", ".join(f"{n} {v:.3f}" for n, v in p.top_k[1:]) + ")" if args.top_k > 1 else ""

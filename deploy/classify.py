@@ -1,105 +1,48 @@
-"""Classify image files with a checkpoint or an ONNX file: find the images, decode them as evaluation does, predict."""
+"""Classify images with a PyTorch model (a checkpoint) behind the same calls as ``deploy.edge.EdgeClassifier``.
+
+The file handling itself is torch-free (``deploy.files``); only this side of it needs torch.
+"""
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from data.images import read_image
-from data.scan import IMAGE_EXTENSIONS
 from data.stitchingnet import normal_index
 from data.transforms import Preprocess
-from utils.errors import UserError
-
-log = logging.getLogger(__name__)
-
-
-class NoImagesError(UserError):
-    """Nothing to classify among the given paths."""
+from deploy.edge import all_threads
+from deploy.files import Prediction, classify_files
+from deploy.inference import load_checkpoint_classifier
 
 
-@dataclass
-class Prediction:
-    path: str
-    label: str
-    confidence: float
-    defect: bool | None  # None: the model has no Normal class
-    top_k: list[tuple[str, float]]
+class TorchClassifier:
+    """``classifier(images)``: uint8 RGB [N, H, W, 3] -> class probabilities [N, classes] (numpy), evaluation's preprocessing.
 
-    @property
-    def verdict(self) -> str:
-        return {True: "DEFECT", False: "normal", None: "-"}[self.defect]
+    ``prepare`` and ``infer`` are separate so a caller can time preprocessing and inference apart.
+    """
 
-    def to_dict(self, with_top_k: bool) -> dict:
-        row = {"path": self.path, "class": self.label, "confidence": round(self.confidence, 6), "defect": self.defect}
-        if with_top_k:
-            row["top_k"] = [{"class": name, "confidence": round(p, 6)} for name, p in self.top_k]
-        return row
+    def __init__(self, model: torch.nn.Module, info: dict):
+        self.model, self.info = model, info
+        self.normal = normal_index(info["class_names"])
+        self.preprocess = Preprocess(info["mean"], info["std"])
 
+    @classmethod
+    def from_checkpoint(cls, path: Path | str, threads: int = all_threads()) -> TorchClassifier:
+        return cls(*load_checkpoint_classifier(path, threads))
 
-def find_images(paths: list[str]) -> list[Path]:
-    """Files as given, plus image-extension files under folders (recursively, sorted); missing paths warn."""
-    found: list[Path] = []
-    for text in paths:
-        path = Path(text)
-        if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        elif path.is_file():
-            found.append(path)
-        else:
-            log.warning("'%s' does not exist; skipped", path)
-    if not found:
-        raise NoImagesError(f"no image files found in {', '.join(paths)}: give image files or folders holding "
-                            f"{'/'.join(sorted(IMAGE_EXTENSIONS))} files")
-    return found
+    def prepare(self, images: np.ndarray) -> torch.Tensor:
+        return torch.stack([self.preprocess(image) for image in images])
 
+    def infer(self, inputs: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            return self.model(inputs).float().softmax(1).numpy()
 
-def _decode(path: Path, size: int) -> np.ndarray | None:
-    try:
-        return np.array(read_image(path, size))  # writable copy, as in the evaluation cache
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        log.warning("skipping '%s': not a readable image (%s)", path, error)
-        return None
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.infer(self.prepare(images))
 
 
 def predict(model: torch.nn.Module, info: dict, files: list[Path], top_k: int = 1, batch_size: int = 32) -> Iterator[Prediction]:
-    """Predictions in file order; unreadable files are skipped with a warning on stderr (all unreadable: NoImagesError)."""
-    preprocess = Preprocess(info["mean"], info["std"])
-    names = info["class_names"]
-    normal = normal_index(names)
-    if normal is None:
-        log.warning("the model's classes %s have no Normal class: predictions carry no defect flag", names)
-    k = min(top_k, len(names))
-    readable = 0
-    with ThreadPoolExecutor() as pool, torch.inference_mode():
-        for start in range(0, len(files), batch_size):
-            chunk = files[start:start + batch_size]
-            decoded = [(path, image) for path, image in zip(chunk, pool.map(lambda p: _decode(p, info["img_size"]), chunk))
-                       if image is not None]
-            readable += len(decoded)
-            if not decoded:
-                continue
-            probs = model(torch.stack([preprocess(image) for _, image in decoded])).float().softmax(1)
-            values, indices = probs.topk(k, dim=1)
-            for (path, _), top_values, top_indices in zip(decoded, values.tolist(), indices.tolist()):
-                yield Prediction(str(path), names[top_indices[0]], top_values[0], None if normal is None else top_indices[0] != normal,
-                                 [(names[i], v) for i, v in zip(top_indices, top_values)])
-    if not readable:
-        raise NoImagesError(f"none of the {len(files)} files given could be read as an image")
-
-
-class Throughput:
-    """Images per second over the whole call (decoding included), for the summary."""
-
-    def __init__(self):
-        self.started = time.perf_counter()
-
-    def per_second(self, count: int) -> float:
-        return count / max(time.perf_counter() - self.started, 1e-9)
+    """``deploy.files.classify_files`` with a PyTorch model (or anything taking and returning tensors, e.g. OnnxModule)."""
+    return classify_files(TorchClassifier(model, info), info, files, top_k, batch_size)

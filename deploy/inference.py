@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -11,7 +10,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from deploy.onnx_export import INPUT_NAME, OUTPUT_NAME, deploy_info, read_deploy_info
+from deploy.edge import INPUT_NAME, OUTPUT_NAME, all_threads
+from deploy.onnx_export import deploy_info, read_deploy_info
 from models.factory import model_from_checkpoint
 from utils.checkpoint import load_checkpoint
 from utils.description import RunDescription
@@ -21,10 +21,6 @@ from utils.io import atomic_path
 
 class ArtifactError(UserError):
     """A model file given for inference cannot be used; the message says why."""
-
-
-def all_threads() -> int:
-    return os.cpu_count() or 1
 
 
 def ort_session(path: Path | str, threads: int = 1, optimized_model_filepath: str = "") -> ort.InferenceSession:

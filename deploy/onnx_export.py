@@ -17,17 +17,15 @@ import onnx
 import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
+from deploy.edge import INPUT_NAME, METADATA_KEY, OUTPUT_NAME
 from utils.description import RunDescription
 from utils.errors import UserError
 from utils.io import atomic_path
 
-INPUT_NAME = "input"  # float32 [batch, 3, img_size, img_size], normalised with the stored mean/std
-OUTPUT_NAME = "logits"  # float32 [batch, num_classes], softmax gives the class probabilities
 OPSET = 18  # the dynamo exporter's own opset: asking for 17 triggers a lossy down-conversion
 log = logging.getLogger(__name__)
 
 PARITY_TOLERANCE = 1e-4  # max |logit difference| allowed between PyTorch and ONNX Runtime FP32
-METADATA_KEY = "stitchdefect"
 DEPLOY_KEYS = ("model", "family", "alpha", "method", "num_classes", "class_names", "img_size", "mean", "std", "dataset")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deploy.inference import all_threads
+from deploy.edge import all_threads
 from models.stats import time_runs
 from utils.io import atomic_open
 

@@ -16,6 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(ROOT))
 
 from data.stitchingnet import FABRICS, class_folder  # noqa: E402
+from deploy.onnx_export import export_onnx  # noqa: E402
+from models.factory import model_from_checkpoint  # noqa: E402
+from utils.checkpoint import load_checkpoint  # noqa: E402
 from utils.logs import THIRD_PARTY_WARNINGS  # noqa: E402
 
 
@@ -71,6 +74,15 @@ def trained_run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) ->
     assert run_script("main.py", *TINY_TRAIN, "--data-root", tiny_dataset, "--epochs", "2", "--output-dir", out) == 0
     (run_dir,) = (out / "main").iterdir()
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def onnx_file(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny trained checkpoint exported to ONNX (FP32, with its deploy metadata)."""
+    payload = load_checkpoint(trained_run / "best.pt")
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    export_onnx(model_from_checkpoint(payload), payload["description"], path)
+    return path
 
 
 @pytest.fixture

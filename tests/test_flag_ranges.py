@@ -12,7 +12,17 @@ from collections.abc import Callable
 import pytest
 from conftest import ROOT, run_script
 
-from utils.cli import fraction, non_negative_float, non_negative_int, positive_float, positive_int, random_seed, unit_fraction
+from utils.cli import (
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    random_seed,
+    training_batch_size,
+    unit_fraction,
+)
 
 # Out-of-range values of the argument groups in engine/flags.py.
 MODEL = {"--alpha": ("0", "-1")}
@@ -34,6 +44,8 @@ SCRIPTS: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]]]] = {
     "export.py": (("--checkpoint", "missing.pt"), {"--calibration-images": ("0",), "--runs": ("0",), **DATA, **RUN}),
     "predict.py": (("--onnx", "missing.onnx", "missing.jpg"), {"--top-k": ("0",), "--batch-size": ("0",), "--threads": ("0",)}),
     "compare.py": ((), {"--img-size": ("0",)}),
+    "stream.py": (("--onnx", "missing.onnx", "--source", "missing.mp4"),
+                  {"--tile": ("0",), "--stride": ("0",), "--threshold": ("0", "1.5"), "--consecutive": ("0",), "--threads": ("0",)}),
     "benchmarks/checkpoint_latency.py": (("missing-runs",), {"--img-size": ("0",), "--threads": ("0",), "--repeats": ("0",)}),
     "benchmarks/onnx_int8.py": (("--checkpoint", "missing.pt"), {"--runs": ("0",), "--calibration-images": ("0",)}),
     "benchmarks/train_throughput.py": ((), {"--img-size": ("0",), "--batch-size": ("0",), "--augment": ("4",), "--batches": ("0",),
@@ -90,7 +102,7 @@ def test_every_numeric_flag_has_a_range_and_a_case(script):
 @pytest.mark.parametrize("validator, text, value", [
     (positive_int, "1", 1), (non_negative_int, "0", 0), (random_seed, "0", 0), (random_seed, str(2**32 - 1), 2**32 - 1),
     (positive_float, "1e-9", 1e-9), (non_negative_float, "0", 0.0), (fraction, "0", 0.0), (fraction, "1", 1.0),
-    (unit_fraction, "0", 0.0),
+    (unit_fraction, "0", 0.0), (probability, "1", 1.0), (training_batch_size, "2", 2),
 ])
 def test_validators_accept_the_ends_of_their_ranges(validator, text, value):
     assert validator(text) == value
@@ -100,7 +112,8 @@ def test_validators_accept_the_ends_of_their_ranges(validator, text, value):
     (positive_int, "-1", "must be a positive integer, got -1"), (non_negative_int, "-1", "must be 0 or a positive integer, got -1"),
     (random_seed, str(2**32), f"must be in [0, {2**32 - 1}], got {2**32}"), (positive_float, "inf", "must be a positive number, got inf"),
     (non_negative_float, "-0.5", "must be 0 or a positive number, got -0.5"), (fraction, "nan", "must be in [0, 1], got nan"),
-    (unit_fraction, "1", "must be in [0, 1), got 1"),
+    (unit_fraction, "1", "must be in [0, 1), got 1"), (probability, "0", "must be in (0, 1], got 0"),
+    (training_batch_size, "1", "must be at least 2 (BatchNorm trains on batch statistics), got 1"),
 ])
 def test_validators_name_the_range(validator, text, message):
     with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):

@@ -11,10 +11,6 @@ import pytest
 from conftest import SAMPLES, run_script
 from PIL import Image
 
-from deploy.onnx_export import export_onnx
-from models.factory import model_from_checkpoint
-from utils.checkpoint import load_checkpoint
-
 
 @pytest.fixture(scope="module")
 def image_folder(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -28,14 +24,6 @@ def image_folder(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     (folder / "notes.txt").write_text("not an image")
     return folder
-
-
-@pytest.fixture(scope="module")
-def onnx_file(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    payload = load_checkpoint(trained_run / "best.pt")
-    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    export_onnx(model_from_checkpoint(payload), payload["description"], path)
-    return path
 
 
 def test_json_lists_every_readable_image_and_warns_about_the_corrupt_one(trained_run: Path, image_folder: Path,

@@ -14,7 +14,7 @@ import torch
 
 from utils.description import DescriptionError, RunDescription
 from utils.errors import UserError
-from utils.io import save_torch
+from utils.io import WriteError, atomic_path
 
 FORMAT = "stitchdefect-checkpoint"
 VERSION = 1
@@ -28,7 +28,11 @@ def save_checkpoint(path: Path | str, model_state: dict, description: RunDescrip
     payload = {"format": FORMAT, "version": VERSION, "model": model_state, "description": description.to_dict()}
     if resume is not None:
         payload["resume"] = resume
-    save_torch(payload, path)
+    with atomic_path(path) as tmp:
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as error:  # torch's zip writer reports a failed write (e.g. disk full) as RuntimeError
+            raise WriteError.of(path, OSError(str(error).splitlines()[0])) from None
 
 
 def load_checkpoint(path: Path | str) -> dict:

@@ -16,9 +16,9 @@ from utils.errors import UserError
 class WriteError(UserError):
     """The operating system refused a write (disk full, permission denied, read-only folder)."""
 
-
-def _write_failed(path: Path, error: OSError) -> WriteError:
-    return WriteError(f"cannot write '{path}': {error.strerror or error}; the files written before it are intact")
+    @classmethod
+    def of(cls, path: Path | str, error: OSError) -> WriteError:
+        return cls(f"cannot write '{path}': {error.strerror or error}; the files written before it are intact")
 
 
 @contextmanager
@@ -33,12 +33,12 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
     except OSError as error:
-        raise _write_failed(path, error) from None
+        raise WriteError.of(path, error) from None
     try:
         yield Path(tmp)
         os.replace(tmp, path)
     except OSError as error:
-        raise _write_failed(path, error) from None
+        raise WriteError.of(path, error) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -63,20 +63,10 @@ def make_unique_dir(parent: Path, name: str) -> Path:
         except FileExistsError:
             continue
         except OSError as error:
-            raise _write_failed(folder, error) from None
+            raise WriteError.of(folder, error) from None
     raise AssertionError("unreachable")
 
 
 def save_json(data: object, path: Path | str) -> None:
     with atomic_open(path) as handle:
         json.dump(data, handle, indent=2)
-
-
-def save_torch(obj: object, path: Path | str) -> None:
-    import torch  # here, not at the top: the edge path (stream.py, predict.py --onnx) writes files without torch
-
-    with atomic_path(path) as tmp:
-        try:
-            torch.save(obj, tmp)
-        except RuntimeError as error:  # torch's zip writer reports a failed write (e.g. disk full) as RuntimeError
-            raise _write_failed(Path(path), OSError(str(error).splitlines()[0])) from None

@@ -1,0 +1,90 @@
+"""Torch-free inference for the edge device: an exported ONNX model run by ONNX Runtime on numpy arrays.
+
+Preprocessing equals evaluation's (``data.images.read_image`` + ``data.transforms.Preprocess``) in numpy and
+Pillow, so a Raspberry Pi needs neither PyTorch nor timm (requirements-edge.txt).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from data.stitchingnet import normal_index
+from utils.errors import UserError
+
+# The exported model's interface; defined on this torch-free side, deploy.onnx_export writes it.
+METADATA_KEY = "stitchdefect"  # ONNX metadata entry holding the deploy info (class names, mean/std, img_size)
+INPUT_NAME = "input"  # float32 [batch, 3, img_size, img_size], normalised with the stored mean/std
+OUTPUT_NAME = "logits"  # float32 [batch, num_classes], softmax gives the class probabilities
+
+
+class EdgeModelError(UserError):
+    """An ONNX file given for inference cannot be used; the message says why."""
+
+
+def all_threads() -> int:
+    return os.cpu_count() or 1
+
+
+def resize_like_evaluation(rgb: np.ndarray, size: int) -> np.ndarray:
+    """An RGB uint8 array resized to ``size``x``size`` exactly as ``data.images.read_image`` resizes a decoded file
+    (Pillow bilinear, which low-passes when shrinking; OpenCV's INTER_LINEAR does not and would give other inputs)."""
+    if rgb.shape[:2] == (size, size):
+        return rgb
+    return np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((size, size), Image.BILINEAR))
+
+
+def normalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 RGB [N, H, W, 3] -> float32 [N, 3, H, W], computed in float32 like ``data.transforms.Preprocess``."""
+    mean255 = np.asarray(mean, np.float32).reshape(1, 3, 1, 1) * np.float32(255)
+    std255 = np.asarray(std, np.float32).reshape(1, 3, 1, 1) * np.float32(255)
+    inputs = images.transpose(0, 3, 1, 2).astype(np.float32)
+    inputs -= mean255  # in place: the same values as (x - mean) / std at less than half the time (no temporaries)
+    inputs /= std255
+    return inputs
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+class EdgeClassifier:
+    """An exported ONNX model with the deploy info from its metadata; ``classifier(images)`` gives class probabilities.
+
+    ``prepare`` and ``infer`` are separate so a caller can time preprocessing and inference apart.
+    """
+
+    def __init__(self, path: Path | str, threads: int = all_threads()):
+        path = Path(path)
+        if not path.is_file():
+            raise EdgeModelError(f"ONNX file '{path}' does not exist")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # ORT raises several types for a file that is not a model
+            raise EdgeModelError(f"'{path}' is not a readable ONNX model ({type(error).__name__}: "
+                                 f"{str(error).splitlines()[0]})") from None
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        if METADATA_KEY not in metadata:
+            raise EdgeModelError(f"'{path}' has no class names or preprocessing metadata: export it with export.py")
+        self.info: dict = json.loads(metadata[METADATA_KEY])
+        self.normal = normal_index(self.info["class_names"])
+
+    def prepare(self, images: np.ndarray) -> np.ndarray:
+        """uint8 RGB [N, img_size, img_size, 3] -> the model's normalised input."""
+        return normalise(images, self.info["mean"], self.info["std"])
+
+    def infer(self, inputs: np.ndarray) -> np.ndarray:
+        """Class probabilities [N, classes] (float32)."""
+        return softmax(self.session.run([OUTPUT_NAME], {INPUT_NAME: inputs})[0])
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.infer(self.prepare(images))

@@ -1,0 +1,104 @@
+"""Inspect a camera, a video, a network stream or a folder of frames for stitch defects, in real time.
+
+    python stream.py --onnx model.onnx --source 0                                   # USB camera, JSON lines on stdout
+    python stream.py --onnx model.onnx --source picamera --roi 40,248,1200,224 --tile 224 --consecutive 3 --jsonl seam.jsonl
+    python stream.py --onnx model.onnx --source line3.mp4 --benchmark               # how fast is this machine?
+
+With --onnx it needs neither PyTorch nor timm (requirements-edge.txt). Every frame gets one JSON line (time,
+frame index, verdict, class, confidence, tile); an alert fires after --consecutive defective frames in a row.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from deploy.edge import EdgeClassifier
+from deploy.sources import open_source
+from deploy.stream import Inspector, Outputs, Settings, Summary, open_window, run
+from deploy.tiling import Box, parse_roi
+from utils.cli import positive_int, probability, run_cli
+
+log = logging.getLogger(__name__)
+
+
+def roi(text: str) -> Box:
+    try:
+        return parse_roi(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Inspect a live or recorded source for stitch defects: one JSON line per frame, debounced alerts, "
+                    "a latency summary at the end (also on Ctrl-C).",
+        epilog="Example: python stream.py --onnx runs/export/<run>/model.onnx --source seam.mp4 --roi 40,248,1200,224 --tile 224 "
+               "--consecutive 3 --save-defects alerts/",
+    )
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", metavar="FILE", help="best.pt of any run (PyTorch inference)")
+    model.add_argument("--onnx", metavar="FILE", help="model.onnx from export.py (ONNX Runtime; needs neither the checkpoint nor torch)")
+    parser.add_argument("--source", required=True, metavar="SOURCE",
+                        help="camera index (0), 'picamera' (Raspberry Pi camera, Picamera2), rtsp:// or http(s):// URL, "
+                             "a video file, or a folder of images played in name order")
+    where = parser.add_argument_group("where to look")
+    where.add_argument("--roi", type=roi, metavar="X,Y,W,H", help="the seam region in pixels (default: the whole frame)")
+    where.add_argument("--tile", type=positive_int, metavar="PX",
+                       help="cut the region into PX x PX tiles, each resized to the model's input and classified in one batch "
+                            "(default: the region is one tile, resized as predict.py resizes an image)")
+    where.add_argument("--stride", type=positive_int, metavar="PX", help="step between tiles (default: --tile, no overlap; "
+                                                                          "the last tile always ends at the region's edge)")
+    decide = parser.add_argument_group("verdicts")
+    decide.add_argument("--threshold", type=probability, metavar="P",
+                        help="a tile is defective when its defect probability 1 - P(Normal) >= P "
+                             "(default: when its most likely class is not Normal, as predict.py decides)")
+    decide.add_argument("--consecutive", type=positive_int, default=1, metavar="N",
+                        help="alert after N defective frames in a row, once per run of them (default: %(default)s)")
+    out = parser.add_argument_group("results")
+    out.add_argument("--jsonl", metavar="FILE", help="append the JSON lines to FILE instead of printing them on stdout")
+    out.add_argument("--save-defects", metavar="DIR", type=Path,
+                     help="save each alerted frame as DIR/frame_<index>.jpg with its defective tiles boxed and labelled")
+    out.add_argument("--show", action="store_true", help="show the frames with the tiles and FPS in a window (q or Esc quits; "
+                                                         "needs opencv-python with GUI, not -headless)")
+    out.add_argument("--benchmark", action="store_true",
+                     help="time the run: no JSON lines on stdout; the summary adds the share of 1 / (capture + preprocess + "
+                          "inference) reached end to end")
+    parser.add_argument("--threads", type=positive_int, default=1, help="ONNX Runtime / PyTorch threads (default: %(default)s)")
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.onnx:
+        classifier = EdgeClassifier(args.onnx, args.threads)
+    else:
+        from deploy.classify import TorchClassifier  # imported here so that the ONNX path never imports torch
+
+        classifier = TorchClassifier.from_checkpoint(args.checkpoint, args.threads)
+    settings = Settings(args.roi, args.tile, args.stride, args.threshold, args.consecutive)
+    inspector = Inspector(classifier, settings)
+    source = open_source(args.source)
+    if args.show:
+        open_window()
+    on_stdout = not (args.jsonl or args.benchmark)
+    report = sys.stderr if on_stdout else sys.stdout  # stdout carries nothing but the JSON lines
+    summary = Summary()
+    jsonl = open(args.jsonl, "a", encoding="utf-8") if args.jsonl else sys.stdout if on_stdout else None
+    frames = source.frames()
+    try:
+        status = sys.stderr if log.isEnabledFor(logging.INFO) else None
+        run(frames, inspector, settings, Outputs(jsonl, args.save_defects, args.show, status), summary)
+    finally:
+        frames.close()
+        if jsonl is not None and jsonl is not sys.stdout:
+            jsonl.close()
+        summary.reconnects = source.reconnects
+        if summary.frames + summary.unreadable:  # a source that never opened is one error line, not a summary
+            info = classifier.info
+            for line in summary.lines(source.name, f"{info['model']} {info['img_size']} px", args.benchmark):
+                print(line, file=report, flush=True)
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())

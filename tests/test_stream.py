@@ -1,0 +1,244 @@
+"""stream.py: per-frame verdicts, debounced alerts, JSON lines, saved frames, sources that end, drop or hold bad frames, tiling.
+
+A stub ONNX model makes the verdicts deterministic: its defect logit grows with a tile's mean brightness, so a
+bright frame (or tile) is defective and a dark one normal.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+from conftest import run_script
+from onnx import TensorProto, helper
+
+from deploy import sources
+from deploy.edge import METADATA_KEY, EdgeClassifier
+from deploy.sources import CaptureSource, SourceError
+from deploy.stream import Debouncer, Inspector, Outputs, Settings, Summary, run
+from deploy.tiling import Box, GeometryError, parse_roi, tile_boxes
+
+SIZE = 32
+DARK, BRIGHT = 40, 220
+DEFECT_FRAMES = {3, 4, 5, 9, 14, 15, 16, 17}  # runs of 3, 1 and 4 defective frames
+FRAMES = 20
+
+
+def stub_model(path: Path, classes: tuple[str, ...] = ("Normal", "Broken stitch")) -> Path:
+    """logits = [-d, d] with d = 8 * mean(normalised input): bright tiles are 'Broken stitch', dark ones 'Normal'."""
+    nodes = [
+        helper.make_node("ReduceMean", ["input"], ["mean"], axes=[1, 2, 3], keepdims=0),
+        helper.make_node("Mul", ["mean", "gain"], ["d"]),
+        helper.make_node("Unsqueeze", ["d", "axis1"], ["d1"]),
+        helper.make_node("Neg", ["d1"], ["minus_d1"]),
+        helper.make_node("Concat", ["minus_d1", "d1"], ["logits"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "stub", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])],
+        initializer=[helper.make_tensor("gain", TensorProto.FLOAT, [], [8.0]), helper.make_tensor("axis1", TensorProto.INT64, [1], [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    info = {"model": "stub", "class_names": list(classes), "img_size": SIZE, "mean": [0.5] * 3, "std": [0.5] * 3}
+    helper.set_model_props(model, {METADATA_KEY: json.dumps(info)})
+    onnx.save(model, path)
+    return path
+
+
+def frame(value: int, width: int = 64, height: int = 48) -> np.ndarray:
+    return np.full((height, width, 3), value, np.uint8)
+
+
+@pytest.fixture(scope="module")
+def stub(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return stub_model(tmp_path_factory.mktemp("stub") / "stub.onnx")
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """20 frames of MPEG-4 (mp4v), bright exactly on DEFECT_FRAMES."""
+    path = tmp_path_factory.mktemp("video") / "seam.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (64, 48))
+    for i in range(FRAMES):
+        writer.write(frame(BRIGHT if i in DEFECT_FRAMES else DARK))
+    writer.release()
+    return path
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line]
+
+
+def test_video_gives_a_verdict_per_frame_and_debounced_alerts(stub: Path, video: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    code = run_script("stream.py", "--onnx", stub, "--source", video, "--consecutive", "3", "--save-defects", tmp_path / "alerts")
+    assert code == 0
+    captured = capsys.readouterr()
+    rows = json_lines(captured.out)  # stdout holds nothing but JSON lines
+    assert [r["frame"] for r in rows] == list(range(FRAMES))
+    assert {r["frame"] for r in rows if r["verdict"] == "defect"} == DEFECT_FRAMES
+    assert [r["frame"] for r in rows if r["alert"]] == [5, 16]  # a lone defective frame (9) never alerts
+    for row in rows:
+        assert set(row) == {"time", "frame", "verdict", "class", "confidence", "defect_probability", "tile", "box", "defect_tiles", "alert"}
+        assert row["class"] == ("Broken stitch" if row["verdict"] == "defect" else "Normal")
+        assert 0.5 <= row["confidence"] <= 1 and row["tile"] == 0 and row["box"] == [0, 0, 64, 48]
+    assert "20 frames (20 classified, 0 unreadable, 0 reconnects), 8 defective, 2 alerts" in captured.err
+    assert "capture" in captured.err and "preprocess" in captured.err and "inference" in captured.err
+    saved = sorted(p.name for p in (tmp_path / "alerts").iterdir())
+    assert saved == ["frame_000005.jpg", "frame_000016.jpg"]
+    picture = cv2.imread(str(tmp_path / "alerts" / saved[0]))
+    assert picture.shape == (48, 64, 3)
+    blue, green, red = picture[1, 32].astype(int)  # on the thick red box of the defective tile
+    assert red > 150 and green < 100 and blue < 100
+
+
+def test_jsonl_file_folder_source_and_an_unreadable_frame(stub: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(6):
+        cv2.imwrite(str(folder / f"f{i:02d}.png"), frame(BRIGHT if i in (1, 2) else DARK))
+    (folder / "f03.png").write_bytes(b"\x89PNG not really")  # a corrupt frame in the middle
+    out = tmp_path / "verdicts.jsonl"
+    assert run_script("stream.py", "--onnx", stub, "--source", folder, "--jsonl", out, "--consecutive", "2") == 0
+    captured = capsys.readouterr()
+    rows = json_lines(out.read_text())
+    assert [(r["frame"], r["verdict"], r["alert"]) for r in rows] == [
+        (0, "normal", False), (1, "defect", False), (2, "defect", True), (4, "normal", False), (5, "normal", False)]
+    assert "6 frames (5 classified, 1 unreadable" in captured.out  # the summary is the output when JSON goes to a file
+    assert "f03.png" in captured.err
+
+
+def test_a_video_that_ends_inside_a_defect_run_ends_cleanly_without_an_alert(stub: Path, tmp_path: Path,
+                                                                              capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "short.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (64, 48))
+    for value in (DARK, DARK, BRIGHT, BRIGHT):
+        writer.write(frame(value))
+    writer.release()
+    assert run_script("stream.py", "--onnx", stub, "--source", path, "--consecutive", "3") == 0
+    captured = capsys.readouterr()
+    assert [r["verdict"] for r in json_lines(captured.out)] == ["normal", "normal", "defect", "defect"]
+    assert "4 frames (4 classified, 0 unreadable, 0 reconnects), 2 defective, 0 alerts" in captured.err
+
+
+class FakeCapture:
+    """A VideoCapture stand-in: plays ``reads`` ((ok, image) pairs), then fails."""
+
+    def __init__(self, reads: list[tuple[bool, np.ndarray | None]], opened: bool = True):
+        self.reads, self.opened, self.released = list(reads), opened, False
+
+    def isOpened(self) -> bool:  # noqa: N802
+        return self.opened
+
+    def read(self) -> tuple[bool, np.ndarray | None]:
+        return self.reads.pop(0) if self.reads else (False, None)
+
+    def release(self) -> None:
+        self.released = True
+
+
+def test_file_source_counts_a_failed_read_between_frames_as_unreadable_and_stops_at_the_end() -> None:
+    good = (True, frame(DARK))
+    capture = FakeCapture([good, (False, None), good, (True, np.zeros((4, 4), np.uint8)), good])
+    source = CaptureSource("clip.mp4", lambda: capture, live=False)
+    frames = list(source.frames())
+    assert [(f.index, f.image is None) for f in frames] == [(0, False), (1, True), (2, False), (3, True), (4, False)]
+    assert capture.released
+
+
+def test_live_source_is_reopened_with_bounded_backoff_then_given_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    captures = [FakeCapture([(True, frame(DARK))] * 2), FakeCapture([], opened=False), FakeCapture([(True, frame(BRIGHT))])]
+    captures += [FakeCapture([], opened=False)] * len(sources.BACKOFF_S)
+    waits: list[float] = []
+    source = CaptureSource("rtsp://camera/seam", lambda: captures.pop(0), live=True, sleep=waits.append)
+    seen = []
+    with pytest.raises(SourceError, match="unreachable"):
+        for f in source.frames():
+            seen.append(f.index)
+    assert seen == [0, 1, 2] and source.reconnects == 1
+    assert waits == [0.5, 1, *sources.BACKOFF_S] and max(waits) == 30  # first drop: 2 tries; second: every wait, capped
+
+
+def test_run_stops_on_ctrl_c_with_the_frames_so_far_written(stub: Path, tmp_path: Path) -> None:
+    def frames():
+        for i in range(3):
+            yield sources.Frame(i, frame(BRIGHT), 0.001)
+        raise KeyboardInterrupt
+
+    summary = Summary()
+    with open(tmp_path / "out.jsonl", "w") as handle:
+        run(frames(), Inspector(EdgeClassifier(stub, 1), Settings()), Settings(consecutive=2), Outputs(jsonl=handle), summary)
+    assert summary.frames == 3 and summary.alerts == 1
+    assert len(json_lines((tmp_path / "out.jsonl").read_text())) == 3
+
+
+def test_debouncer_alerts_once_per_run_of_defective_frames() -> None:
+    debouncer = Debouncer(2)
+    pattern = [True, False, True, True, True, True, False, True, True]
+    assert [debouncer.update(d) for d in pattern] == [False, False, False, True, False, False, False, False, True]
+    once = Debouncer(1)
+    assert [once.update(d) for d in (True, True, False, True)] == [True, False, False, True]
+
+
+def test_tile_geometry_covers_the_roi_with_the_last_tile_at_its_edge() -> None:
+    boxes = tile_boxes((100, 50), Box(10, 5, 80, 40), 32, 24)
+    assert [(b.x, b.y) for b in boxes] == [(10, 5), (34, 5), (58, 5), (10, 13), (34, 13), (58, 13)]
+    assert all((b.w, b.h) == (32, 32) for b in boxes) and max(b.x + b.w for b in boxes) == 90
+    assert tile_boxes((100, 50), None, None, None) == [Box(0, 0, 100, 50)]
+    assert [b.x for b in tile_boxes((100, 50), None, 40, None)] == [0, 40, 60] * 2 and len(tile_boxes((100, 50), None, 25, None)) == 8
+    with pytest.raises(GeometryError, match="does not fit"):
+        tile_boxes((100, 50), Box(80, 0, 40, 10), None, None)
+    with pytest.raises(GeometryError, match="larger"):
+        tile_boxes((100, 50), Box(0, 0, 40, 20), 32, None)
+    with pytest.raises(ValueError):
+        parse_roi("1,2,3")
+
+
+def test_tiles_find_the_defect_in_the_bright_half(stub: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    image = frame(DARK, 128, 48)
+    image[:, 96:] = BRIGHT
+    folder = tmp_path / "one"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "seam.png"), image)
+    assert run_script("stream.py", "--onnx", stub, "--source", folder, "--roi", "0,8,128,32", "--tile", "32") == 0
+    (row,) = json_lines(capsys.readouterr().out)
+    assert row["verdict"] == "defect" and row["defect_tiles"] == [3] and row["tile"] == 3 and row["box"] == [96, 8, 32, 32]
+
+
+def test_threshold_decides_on_the_defect_probability(stub: Path) -> None:
+    names = ["Normal", "Broken stitch", "Skipped stitch"]
+
+    class Fixed:
+        info = {"class_names": names, "img_size": SIZE}
+        normal = 0
+
+    probs = np.array([[0.40, 0.35, 0.25], [0.70, 0.20, 0.10]], np.float32)
+    boxes = [Box(0, 0, 8, 8), Box(8, 0, 8, 8)]
+    by_top_class = Inspector(Fixed(), Settings()).judge(0, probs, boxes)
+    assert not by_top_class.defect and by_top_class.label == "Normal" and by_top_class.tile == 0
+    by_threshold = Inspector(Fixed(), Settings(threshold=0.5)).judge(0, probs, boxes)
+    assert by_threshold.defect and by_threshold.defect_tiles == [0] and by_threshold.label == "Broken stitch"
+    assert by_threshold.confidence == pytest.approx(0.35) and by_threshold.defect_probability == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--source", "no/such/video.mp4"], "neither a camera index"),
+    (["--source", "{video}", "--roi", "0,0,640,480"], "does not fit"),
+    (["--source", "{video}", "--show"], "GUI"),
+])
+def test_bad_input_is_one_error_line(stub: Path, video: Path, args: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    if "--show" in args and not re.search(r"GUI:\s+NONE", cv2.getBuildInformation()):
+        pytest.skip("this OpenCV has a GUI: the test would open a window")
+    assert run_script("stream.py", "--onnx", stub, *[a.format(video=video) for a in args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_bad_flags_are_refused_before_any_work(stub: Path, capsys: pytest.CaptureFixture) -> None:
+    for flags in (["--roi", "1,2,3"], ["--threshold", "0"], ["--consecutive", "0"], ["--tile", "-4"]):
+        assert run_script("stream.py", "--onnx", stub, "--source", "0", *flags) == 2
+        assert "argument" in capsys.readouterr().err
