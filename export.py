@@ -1,9 +1,11 @@
-"""Export a checkpoint for edge CPUs: ONNX (FP32), ONNX Runtime static INT8, TorchScript; benchmark every artifact.
+"""Export a checkpoint for edge CPUs: ONNX (FP32), ONNX Runtime static INT8, OpenVINO IR (FP32, NNCF INT8),
+TorchScript; benchmark every artifact.
 
-    python export.py --checkpoint runs/main/<run>/best.pt --int8 --torchscript --benchmark
+    python export.py --checkpoint runs/main/<run>/best.pt --int8 --openvino --torchscript --benchmark
 
-Every exported file is checked against PyTorch (max |logit difference| printed), scored on the
-checkpoint's test split through ONNX Runtime, and recorded in results.csv (method onnx-fp32 / onnx-int8).
+Every exported file is checked against PyTorch (max |logit difference| printed; gated for FP32), scored on the
+checkpoint's test split through its runtime, and recorded in results.csv (method onnx-fp32 / onnx-int8 /
+openvino-fp32 / openvino-int8).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import datetime as dt
 import logging
 import platform
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +25,7 @@ from data.loading import make_loader
 from data.transforms import Preprocess
 from deploy.edge import all_threads
 from deploy.inference import OnnxModule, export_torchscript
-from deploy.onnx_export import check_parity, export_onnx, quantize_onnx
+from deploy.onnx_export import check_parity, deploy_info, export_onnx, quantize_onnx
 from deploy.timing import benchmark, format_table, write_reports
 from engine.config import RunConfig
 from engine.flags import add_data_args, add_run_args
@@ -45,17 +48,22 @@ RESULT_LATENCY_RUNS = 100
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Export a checkpoint to ONNX (opset 18, dynamic batch axis, input 'input' [N,3,H,W] normalised "
-                    "float32, output 'logits' [N,classes]), optionally ONNX Runtime INT8 and TorchScript, and benchmark them.",
-        epilog="Example: python export.py --checkpoint runs/main/<run>/best.pt --int8 --torchscript --benchmark",
+                    "float32, output 'logits' [N,classes]), optionally ONNX Runtime INT8, OpenVINO IR (FP32, INT8) and "
+                    "TorchScript, and benchmark them.",
+        epilog="Example: python export.py --checkpoint runs/main/<run>/best.pt --int8 --openvino --torchscript --benchmark",
     )
     parser.add_argument("--checkpoint", required=True, metavar="FILE",
                         help="best.pt of a main.py, prune.py or distill.py run (the FP32 weights; a QAT model's INT8 "
                              "TorchScript file goes to --torch-int8)")
     parser.add_argument("--out", metavar="FILE.onnx",
-                        help="FP32 ONNX path; INT8 goes to <stem>.int8.onnx, TorchScript to <stem>.torchscript.pt "
-                             "(default: <output-dir>/export/<timestamp>_<model>/model.onnx)")
+                        help="FP32 ONNX path; INT8 goes to <stem>.int8.onnx, OpenVINO to <stem>.xml/.bin and <stem>.int8.xml/.bin, "
+                             "TorchScript to <stem>.torchscript.pt (default: <output-dir>/export/<timestamp>_<model>/model.onnx)")
     parser.add_argument("--int8", action="store_true",
-                        help="also write an ONNX Runtime static INT8 model (QDQ, per-channel weights, calibrated on training images)")
+                        help="also write an ONNX Runtime static INT8 model (QDQ, per-channel weights, calibrated on training images); "
+                             "with --openvino also an OpenVINO INT8 model (NNCF post-training quantisation, same images)")
+    parser.add_argument("--openvino", action="store_true",
+                        help="also write an OpenVINO IR FP32 model converted from the ONNX file (deploy info in its rt_info; "
+                             "for predict.py/stream.py --openvino)")
     parser.add_argument("--calibration-images", type=positive_int, default=200, metavar="N",
                         help="training-split images used to calibrate INT8 activation ranges (default: %(default)s)")
     parser.add_argument("--torchscript", action="store_true", help="also write a traced, frozen FP32 TorchScript model")
@@ -81,9 +89,9 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def ort_latency_ms(path: Path, img_size: int) -> float:
-    """Median batch-1 latency of an ONNX file with ONNX Runtime at 1 thread (the results table's latency_ms_1t)."""
-    times = time_runs(OnnxModule(path, threads=1), torch.randn(1, 3, img_size, img_size), RESULT_LATENCY_RUNS, 10)
+def latency_ms(module: torch.nn.Module, img_size: int) -> float:
+    """Median batch-1 latency of an artifact loaded at 1 thread (the results table's latency_ms_1t)."""
+    times = time_runs(module, torch.randn(1, 3, img_size, img_size), RESULT_LATENCY_RUNS, 10)
     return float(np.median(times) * 1000)
 
 
@@ -116,7 +124,8 @@ def main(args: argparse.Namespace) -> None:
 
     export_onnx(model, description, fp32_path)
     check_parity("ONNX Runtime FP32", model, OnnxModule(fp32_path), parity_inputs)
-    rows.append(score(fp32_path, "onnx-fp32", run_dir, test_loader, bundle, description, stats, args))
+    scoring = (run_dir, test_loader, bundle, description, stats, args)
+    rows.append(score(fp32_path, "onnx-fp32", OnnxModule, *scoring))
     artifacts = {"pytorch-eager-fp32": lambda threads: model}
 
     if args.torchscript:
@@ -129,14 +138,34 @@ def main(args: argparse.Namespace) -> None:
         artifacts["pytorch-int8"] = torch_int8
     artifacts["onnxruntime-fp32"] = lambda threads: OnnxModule(fp32_path, threads)
 
+    calibration = None
     if args.int8:
         int8_path = fp32_path.with_suffix(".int8.onnx")
         train_images = bundle.parts["train"].images
         chosen = np.random.default_rng(args.seed).permutation(len(train_images))[:args.calibration_images]
         calibration = torch.stack([preprocess(train_images[i]) for i in chosen]).numpy()
         quantize_onnx(fp32_path, int8_path, calibration)
-        rows.append(score(int8_path, "onnx-int8", run_dir, test_loader, bundle, description, stats, args))
+        rows.append(score(int8_path, "onnx-int8", OnnxModule, *scoring))
         artifacts["onnxruntime-int8"] = lambda threads: OnnxModule(int8_path, threads)
+
+    versions = f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}"
+    if args.openvino:
+        import openvino  # with NNCF, seconds to import: only for --openvino
+
+        from deploy.openvino_export import OpenVinoModule, export_openvino, ir_bytes, quantize_openvino
+
+        versions += f", openvino {openvino.get_version()}"
+        ov_path = fp32_path.with_suffix(".xml")
+        fp32_ir = export_openvino(fp32_path, ov_path)
+        check_parity("OpenVINO FP32", model, OpenVinoModule(ov_path), parity_inputs)
+        rows.append(score(ov_path, "openvino-fp32", OpenVinoModule, *scoring, file_bytes=ir_bytes(ov_path)))
+        artifacts["openvino-fp32"] = lambda threads: OpenVinoModule(ov_path, threads)
+        if calibration is not None:
+            ov_int8_path = fp32_path.with_suffix(".int8.xml")
+            quantize_openvino(fp32_ir, deploy_info(description), ov_int8_path, calibration)
+            check_parity("OpenVINO INT8", model, OpenVinoModule(ov_int8_path), parity_inputs, gated=False)
+            rows.append(score(ov_int8_path, "openvino-int8", OpenVinoModule, *scoring, file_bytes=ir_bytes(ov_int8_path)))
+            artifacts["openvino-int8"] = lambda threads: OpenVinoModule(ov_int8_path, threads)
 
     print_table(rows)
     if args.benchmark:
@@ -145,17 +174,19 @@ def main(args: argparse.Namespace) -> None:
         print(format_table(timings))
         context = (f"{description.model} at {size} px, {len(bundle.class_names)} classes; batch-1 latency over {args.runs} runs "
                    f"after warm-up, batch-32 throughput over 10 runs; CPU {cpu_name()}, {all_threads()} logical cores; "
-                   f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; {dt.date.today().isoformat()}")
+                   f"{versions}; {dt.date.today().isoformat()}")
         write_reports(timings, fp32_path.parent / "benchmark.csv", fp32_path.parent / "benchmark.md", context)
         log.info("benchmark written to %s and benchmark.md", fp32_path.parent / "benchmark.csv")
 
 
-def score(path: Path, method: str, run_dir: Path, test_loader, bundle, description: RunDescription, stats: dict,
-          args: argparse.Namespace) -> dict:
-    """Test-split accuracy through ONNX Runtime, written as a results row like every other model's (report in run_dir/method)."""
-    output = evaluate(OnnxModule(path, all_threads()), test_loader, Runtime(torch.device("cpu")), desc=method)
+def score(path: Path, method: str, load: Callable[[Path, int], torch.nn.Module], run_dir: Path, test_loader, bundle,
+          description: RunDescription, stats: dict, args: argparse.Namespace, file_bytes: int | None = None) -> dict:
+    """Test-split accuracy through the artifact's runtime (``load(path, threads)``: OnnxModule, OpenVinoModule), written
+    as a results row like every other model's (report in run_dir/method)."""
+    output = evaluate(load(path, all_threads()), test_loader, Runtime(torch.device("cpu")), desc=method)
     row = record(output, bundle, description, run_dir, None, path, args.output_dir, "export", method,
-                 latency_ms=ort_latency_ms(path, description.img_size), stats=stats, report_dir=run_dir / method)
+                 latency_ms=latency_ms(load(path, 1), description.img_size), stats=stats, report_dir=run_dir / method,
+                 file_bytes=file_bytes)
     log.info("%s: %s (%s MB), test acc %.4f, %.2f ms at 1 thread", method, path, row["file_mb"], row["test_acc"], row["latency_ms_1t"])
     return row
 

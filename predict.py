@@ -1,6 +1,7 @@
-"""Classify sewing-stitch images with a trained checkpoint or an exported ONNX model.
+"""Classify sewing-stitch images with a trained checkpoint or an exported ONNX or OpenVINO model.
 
     python predict.py --onnx model.onnx photos/ line3/frame_0012.png
+    python predict.py --openvino model.xml photos/
     python predict.py --checkpoint runs/main/<run>/best.pt photos/ --json > predictions.json
 
 Folders are searched recursively for .jpg/.jpeg/.png/.bmp/.tif/.tiff/.webp files; any size or mode is
@@ -29,6 +30,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     source.add_argument("--checkpoint", metavar="FILE", help="best.pt of any run (PyTorch inference)")
     source.add_argument("--onnx", metavar="FILE",
                         help="model.onnx or model.int8.onnx from export.py (ONNX Runtime; needs neither the checkpoint nor torch)")
+    source.add_argument("--openvino", metavar="FILE.xml",
+                        help="model.xml or model.int8.xml from export.py --openvino (OpenVINO; its .bin beside it; needs neither "
+                             "the checkpoint nor torch)")
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
     parser.add_argument("--json", action="store_true",
                         help="print only a JSON array of {path, class, confidence, defect} on stdout (messages go to stderr)")
@@ -52,8 +56,12 @@ def write_csv(predictions: list[Prediction], path: str, top_k: int) -> None:
 def main(args: argparse.Namespace) -> None:
     if args.onnx:
         classifier = EdgeClassifier(args.onnx, args.threads)
+    elif args.openvino:
+        from deploy.openvino_runtime import OpenVinoClassifier  # imported here so that the ONNX path needs no OpenVINO
+
+        classifier = OpenVinoClassifier(args.openvino, args.threads)
     else:
-        from deploy.classify import TorchClassifier  # imported here so that the ONNX path never imports torch
+        from deploy.classify import TorchClassifier  # imported here so that the ONNX and OpenVINO paths never import torch
 
         classifier = TorchClassifier.from_checkpoint(args.checkpoint, args.threads)
     info = classifier.info

@@ -2,6 +2,7 @@
 
 From a checkpoint:  python quantization-train.py --checkpoint runs/main/<run>/best.pt --mode both
 From scratch:       python quantization-train.py --model mobilenetv3_small   (fine-tunes FP32 with main.py's engine first)
+Better PTQ:         ... --mode ptq --observer percentile --equalize --bias-correction --max-drop 1.0
 
 INT8 runs on the CPU. Outputs go to <output-dir>/quantization/<timestamp>_<model>/: int8_<mode>.pt
 (weights_only checkpoint, load with models.quantize.load_quantized), int8_<mode>.torchscript.pt
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -23,20 +25,26 @@ from engine.loop import EvalOutput, evaluate
 from engine.run import create_run_dir, finetune, loaders, prepare_data, prepare_model, record, train
 from models.factory import model_from_checkpoint, resolve_model
 from models.quantize import (
+    ACTIVATION_OBSERVERS,
     BACKENDS,
+    DEFAULT_OBSERVER,
     calibrate,
     convert,
+    correct_bias,
+    equalize,
+    fewest_float_layers,
     load_quantized,
     observers_paused,
     prepare,
     qat_schedule,
+    rank_layers,
     save_quantized,
     save_torchscript,
     set_backend,
 )
 from models.stats import measure_latency, model_stats
 from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.cli import non_negative_int, positive_float, positive_int, run_cli
+from utils.cli import non_negative_float, non_negative_int, positive_float, positive_int, run_cli
 from utils.description import RunDescription
 from utils.distributed import Runtime, cleanup, setup_runtime
 from utils.errors import UserError
@@ -66,7 +74,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=True,
                        help="per-output-channel weight scales (default: on; off = one scale per tensor)")
     group.add_argument("--calib-batches", type=positive_int, default=10,
-                       help="PTQ calibration batches of --batch-size training images, no augmentation (default: %(default)s)")
+                       help="PTQ calibration batches of --batch-size training images, no augmentation; also the data of "
+                            "--bias-correction and of --max-drop's layer ranking (default: %(default)s)")
+    group.add_argument("--observer", choices=tuple(ACTIVATION_OBSERVERS), default=DEFAULT_OBSERVER,
+                       help="PTQ activation range: min-max, moving-average min-max, histogram (L2-optimal range search, the "
+                            "backends' default) or percentile (histogram clipped at the 0.01st/99.99th percentiles); weights "
+                            "stay min-max (default: %(default)s)")
+    group.add_argument("--equalize", action="store_true",
+                       help="PTQ: cross-layer equalisation of conv -> (ReLU) -> conv pairs after BatchNorm folding "
+                            "(hardswish, ReLU6, SE and residual links are skipped)")
+    group.add_argument("--bias-correction", action="store_true",
+                       help="PTQ: subtract from each INT8 conv/linear bias the mean output shift its weight rounding causes "
+                            "on the calibration images")
+    group.add_argument("--max-drop", type=non_negative_float, metavar="POINTS",
+                       help="PTQ: keep the fewest, most sensitive conv/linear layers in float so that validation accuracy "
+                            "drops by at most POINTS percentage points vs FP32 (default: everything INT8)")
     group.add_argument("--qat-epochs", type=positive_int, default=5,
                        help="QAT fine-tuning epochs (--epochs/--lr are the FP32 fine-tune's; default: %(default)s)")
     group.add_argument("--qat-lr", type=positive_float, default=5e-5, help="QAT learning rate, all layers (default: %(default)s)")
@@ -136,10 +158,9 @@ def quantize(args: argparse.Namespace, config: RunConfig, runtime: Runtime) -> N
                            "latency_ms_1t": latency, **extra}
 
     if args.mode in ("ptq", "both"):
-        prepared = prepare(fp32, args.backend, img_size, args.per_channel)
-        used = calibrate(prepared, loaders(bundle, description, config.with_data(augment=0), CPU)["train"], args.calib_batches,
-                         args.calib_batches * args.batch_size)
-        finish(convert(prepared, img_size), "ptq", "", calibration_images=used)
+        calibration = list(islice(loaders(bundle, description, config.with_data(augment=0), CPU)["train"], args.calib_batches))
+        int8, extra = post_training(fp32, args, img_size, calibration, data["val"])
+        finish(int8, "ptq", "", **extra)
     if args.mode in ("qat", "both"):
         epochs = train_qat(fp32, bundle, description, args, config, Runtime(runtime.device), run_dir / "qat", data["val"])
         prepared = prepare(fp32, args.backend, img_size, args.per_channel, qat=True)
@@ -151,6 +172,34 @@ def quantize(args: argparse.Namespace, config: RunConfig, runtime: Runtime) -> N
              summary["fp32"]["file_mb"], summary["fp32"]["latency_ms_1t"])
     print_table(rows, ("model", "method", "test_acc", "test_loss", "macro_f1", "file_mb", "latency_ms_1t"))
     log.info("INT8 models in %s", run_dir)
+
+
+def post_training(fp32: torch.nn.Module, args: argparse.Namespace, img_size: int,
+                  calibration: list[tuple[torch.Tensor, torch.Tensor]], val_loader: DataLoader) -> tuple[torch.nn.Module, dict]:
+    """PTQ with the selected methods; returns the INT8 model and the settings its checkpoint must record."""
+    prepared = prepare(fp32, args.backend, img_size, args.per_channel, observer=args.observer)
+    if args.equalize:
+        log.info("cross-layer equalisation: %d conv pairs", equalize(prepared))
+    used = calibrate(prepared, calibration, args.calib_batches, args.calib_batches * args.batch_size)
+    settings = {"calibration_images": used, "observer": args.observer, "equalize": args.equalize,
+                "bias_correction": args.bias_correction}
+
+    def build(float_layers: list[str]) -> torch.nn.Module:
+        int8 = convert(prepared, img_size, float_layers)
+        if args.bias_correction:
+            correct_bias(int8, prepared, calibration, args.calib_batches)
+        return int8
+
+    if args.max_drop is None:
+        return build([]), {**settings, "float_layers": []}
+    fp32_val = evaluate(fp32, val_loader, CPU, desc="val fp32").acc
+    ranked = rank_layers(build([]), prepared, calibration, args.calib_batches)
+    int8, float_layers, val_acc = fewest_float_layers(
+        ranked, build, lambda model: evaluate(model, val_loader, CPU, desc="val int8").acc, fp32_val - args.max_drop / 100)
+    log.info("float layers (%d): %s | val acc %.4f, FP32 %.4f", len(float_layers), ", ".join(float_layers) or "none",
+             val_acc, fp32_val)
+    return int8, {**settings, "max_drop": args.max_drop, "float_layers": float_layers, "val_acc": val_acc,
+                  "val_acc_fp32": fp32_val}
 
 
 def train_qat(fp32: torch.nn.Module, bundle: DataBundle, description: RunDescription, args: argparse.Namespace,

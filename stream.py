@@ -4,7 +4,7 @@
     python stream.py --onnx model.onnx --source picamera --roi 40,248,1200,224 --tile 224 --consecutive 3 --jsonl seam.jsonl
     python stream.py --onnx model.onnx --source line3.mp4 --benchmark               # how fast is this machine?
 
-With --onnx it needs neither PyTorch nor timm (requirements-edge.txt). Every frame gets one JSON line (time,
+With --onnx (or --openvino) it needs neither PyTorch nor timm (requirements-edge.txt). Every frame gets one JSON line (time,
 frame index, verdict, class, confidence, tile); an alert fires after --consecutive defective frames in a row.
 """
 from __future__ import annotations
@@ -40,6 +40,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", metavar="FILE", help="best.pt of any run (PyTorch inference)")
     model.add_argument("--onnx", metavar="FILE", help="model.onnx from export.py (ONNX Runtime; needs neither the checkpoint nor torch)")
+    model.add_argument("--openvino", metavar="FILE.xml",
+                       help="model.xml from export.py --openvino (OpenVINO; needs neither the checkpoint nor torch)")
     parser.add_argument("--source", required=True, metavar="SOURCE",
                         help="camera index (0), 'picamera' (Raspberry Pi camera, Picamera2), rtsp:// or http(s):// URL, "
                              "a video file, or a folder of images played in name order")
@@ -65,15 +67,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     out.add_argument("--benchmark", action="store_true",
                      help="time the run: no JSON lines on stdout; the summary adds the share of 1 / (capture + preprocess + "
                           "inference) reached end to end")
-    parser.add_argument("--threads", type=positive_int, default=1, help="ONNX Runtime / PyTorch threads (default: %(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="ONNX Runtime / OpenVINO / PyTorch threads (default: %(default)s)")
     return parser
 
 
 def main(args: argparse.Namespace) -> None:
     if args.onnx:
         classifier = EdgeClassifier(args.onnx, args.threads)
+    elif args.openvino:
+        from deploy.openvino_runtime import OpenVinoClassifier  # imported here so that the ONNX path needs no OpenVINO
+
+        classifier = OpenVinoClassifier(args.openvino, args.threads)
     else:
-        from deploy.classify import TorchClassifier  # imported here so that the ONNX path never imports torch
+        from deploy.classify import TorchClassifier  # imported here so that the ONNX and OpenVINO paths never import torch
 
         classifier = TorchClassifier.from_checkpoint(args.checkpoint, args.threads)
     settings = Settings(args.roi, args.tile, args.stride, args.threshold, args.consecutive)

@@ -1,4 +1,5 @@
-"""Torch-free inference for the edge device: an exported ONNX model run by ONNX Runtime on numpy arrays.
+"""Torch-free inference for the edge device: an exported ONNX model run by ONNX Runtime on numpy arrays
+(deploy.openvino_runtime runs the OpenVINO IR behind the same calls).
 
 Preprocessing equals evaluation's (``data.images.read_image`` + ``data.transforms.Preprocess``) in numpy and
 Pillow, so a Raspberry Pi needs neither PyTorch nor timm (requirements-edge.txt).
@@ -18,13 +19,13 @@ from data.stitchingnet import normal_index
 from utils.errors import UserError
 
 # The exported model's interface; defined on this torch-free side, deploy.onnx_export writes it.
-METADATA_KEY = "stitchdefect"  # ONNX metadata entry holding the deploy info (class names, mean/std, img_size)
+METADATA_KEY = "stitchdefect"  # ONNX metadata entry / OpenVINO rt_info key holding the deploy info (class names, mean/std, img_size)
 INPUT_NAME = "input"  # float32 [batch, 3, img_size, img_size], normalised with the stored mean/std
 OUTPUT_NAME = "logits"  # float32 [batch, num_classes], softmax gives the class probabilities
 
 
 class EdgeModelError(UserError):
-    """An ONNX file given for inference cannot be used; the message says why."""
+    """An exported model file (ONNX, OpenVINO IR) given for inference cannot be used; the message says why."""
 
 
 def all_threads() -> int:
@@ -54,11 +55,29 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-class EdgeClassifier:
-    """An exported ONNX model with the deploy info from its metadata; ``classifier(images)`` gives class probabilities.
+class ExportedClassifier:
+    """What predict.py and stream.py call on an exported model, whatever runs it: ``info`` (the deploy metadata),
+    ``normal`` (index of the Normal class), ``prepare`` and ``infer`` (separate so a caller can time them apart);
+    ``classifier(images)`` gives class probabilities."""
 
-    ``prepare`` and ``infer`` are separate so a caller can time preprocessing and inference apart.
-    """
+    def __init__(self, info: dict):
+        self.info = info
+        self.normal = normal_index(info["class_names"])
+
+    def prepare(self, images: np.ndarray) -> np.ndarray:
+        """uint8 RGB [N, img_size, img_size, 3] -> the model's normalised input."""
+        return normalise(images, self.info["mean"], self.info["std"])
+
+    def infer(self, inputs: np.ndarray) -> np.ndarray:
+        """Class probabilities [N, classes] (float32)."""
+        raise NotImplementedError
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.infer(self.prepare(images))
+
+
+class EdgeClassifier(ExportedClassifier):
+    """An exported ONNX model run by ONNX Runtime, with the deploy info from its metadata."""
 
     def __init__(self, path: Path | str, threads: int = all_threads()):
         path = Path(path)
@@ -75,16 +94,7 @@ class EdgeClassifier:
         metadata = self.session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in metadata:
             raise EdgeModelError(f"'{path}' has no class names or preprocessing metadata: export it with export.py")
-        self.info: dict = json.loads(metadata[METADATA_KEY])
-        self.normal = normal_index(self.info["class_names"])
-
-    def prepare(self, images: np.ndarray) -> np.ndarray:
-        """uint8 RGB [N, img_size, img_size, 3] -> the model's normalised input."""
-        return normalise(images, self.info["mean"], self.info["std"])
+        super().__init__(json.loads(metadata[METADATA_KEY]))
 
     def infer(self, inputs: np.ndarray) -> np.ndarray:
-        """Class probabilities [N, classes] (float32)."""
         return softmax(self.session.run([OUTPUT_NAME], {INPUT_NAME: inputs})[0])
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        return self.infer(self.prepare(images))

@@ -70,12 +70,14 @@ def max_logit_difference(reference: torch.nn.Module, candidate: torch.nn.Module,
         return float((reference(inputs) - candidate(inputs)).abs().max())
 
 
-def check_parity(name: str, reference: torch.nn.Module, candidate: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Print the max |logit difference| per input set; raise ExportError above PARITY_TOLERANCE."""
+def check_parity(name: str, reference: torch.nn.Module, candidate: torch.nn.Module, inputs: dict[str, torch.Tensor],
+                 gated: bool = True) -> dict[str, float]:
+    """Print the max |logit difference| per input set; raise ExportError above PARITY_TOLERANCE if ``gated``
+    (an INT8 artifact differs by design: its difference is reported, not gated)."""
     differences = {label: max_logit_difference(reference, candidate, x) for label, x in inputs.items()}
     shown = ", ".join(f"{label} {value:.2e}" for label, value in differences.items())
-    log.info("%s vs PyTorch: max |logit diff| %s (tolerance %g)", name, shown, PARITY_TOLERANCE)
-    if max(differences.values()) > PARITY_TOLERANCE:
+    log.info("%s vs PyTorch: max |logit diff| %s (%s)", name, shown, f"tolerance {PARITY_TOLERANCE:g}" if gated else "reported, not gated")
+    if gated and max(differences.values()) > PARITY_TOLERANCE:
         raise ExportError(f"{name} differs from PyTorch by {max(differences.values()):.2e} > {PARITY_TOLERANCE:g}: "
                           "the export is not faithful; report the model name")
     return differences

@@ -167,12 +167,14 @@ def stamp_metrics(checkpoint: Path, output: EvalOutput) -> None:
 
 def record(output: EvalOutput, bundle: DataBundle, description: RunDescription, run_dir: Path, model_for_cost: torch.nn.Module | None,
            checkpoint: Path, output_dir: str | Path, script: str, method: str, epochs: int | str = "",
-           latency_ms: float | None = None, stats: dict | None = None, report_dir: Path | None = None) -> dict:
+           latency_ms: float | None = None, stats: dict | None = None, report_dir: Path | None = None,
+           file_bytes: int | None = None) -> dict:
     """Write the test report into ``run_dir`` (or ``report_dir``) and append the results row; returns the row.
 
     Cost figures come from ``model_for_cost`` (FP32 eager) unless ``stats``/``latency_ms``
     are given (quantised or exported artifacts measure themselves). ``report_dir`` keeps the
-    reports of several methods of one run apart (e.g. ``<run>/ptq``, ``<run>/qat``).
+    reports of several methods of one run apart (e.g. ``<run>/ptq``, ``<run>/qat``). ``file_bytes`` is the size
+    of an artifact stored as several files (an OpenVINO IR's .xml + .bin); default: the size of ``checkpoint``.
     """
     num_classes = len(bundle.class_names)
     metrics = test_metrics(output, bundle.class_names)
@@ -187,7 +189,7 @@ def record(output: EvalOutput, bundle: DataBundle, description: RunDescription, 
         "run_id": run_dir.name, "date": dt.datetime.now().isoformat(timespec="seconds"), "script": script, "method": method,
         "model": description.model, "alpha": description.alpha or "", "pretrained": description.pretrained,
         "dataset": bundle.dataset, "augment": description.augment, "img_size": img_size, "epochs": epochs,
-        "seed": description.seed, **stats, "file_mb": round(checkpoint.stat().st_size / 2**20, 4),
+        "seed": description.seed, **stats, "file_mb": round((file_bytes or checkpoint.stat().st_size) / 2**20, 4),
         "test_acc": round(metrics["acc"], 6), "test_loss": round(output.loss, 6), "macro_f1": round(metrics["macro_f1"], 6),
         "defect_recall": round(metrics["defect_recall"], 6), "false_alarm_rate": round(metrics["false_alarm_rate"], 6),
         "latency_ms_1t": round(latency_ms, 4), "checkpoint": str(checkpoint),

@@ -11,17 +11,25 @@ channels-last tensors, which every quantised conv outputs: a MobileNetV2 came ou
 qnnpack, conv-bn-ReLU6 therefore becomes conv-bn-ReLU, which fuses into one quantised conv, with its
 calibrated output range capped at [0, 6]: saturating at 6 is ReLU6, done by the conv's requantisation.
 
+PTQ methods beyond the default (each optional, see docs/quantization.md): the activation observer
+(``ACTIVATION_OBSERVERS``), cross-layer equalisation of conv -> (ReLU) -> conv pairs (``equalize``),
+empirical bias correction (``correct_bias``) and accuracy-controlled mixed precision, which keeps the most
+sensitive layers in float (``rank_layers``, ``fewest_float_layers``).
+
 INT8 artifacts use the project's one checkpoint format: the quantised state dict plus the
 FP32 description, loadable with ``torch.load(weights_only=True)``. ``load_quantized`` rebuilds
-the module (FP32 model -> same unfolding -> prepare -> convert -> load the INT8 weights).
+the module (FP32 model -> same unfolding -> prepare -> convert with the same float layers -> load the INT8 weights).
 """
 from __future__ import annotations
 
 import copy
+import functools
+import logging
 import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from itertools import islice
 from pathlib import Path
 from types import TracebackType
 
@@ -30,11 +38,13 @@ from timm.layers import BatchNormAct2d
 from timm.layers.linear import Linear as TimmLinear
 from torch import nn
 from torch.ao.nn import intrinsic
+from torch.ao.nn import quantized as nnq
 from torch.ao.nn.intrinsic.qat import freeze_bn_stats
 from torch.ao.quantization import (
     FakeQuantize,
     FakeQuantizeBase,
     HistogramObserver,
+    MinMaxObserver,
     MovingAverageMinMaxObserver,
     QConfig,
     QConfigMapping,
@@ -56,6 +66,9 @@ from utils.io import atomic_path
 
 BACKENDS = ("x86", "fbgemm", "qnnpack")  # qnnpack: the ARM kernels of a Raspberry Pi
 MIN_CALIBRATION_IMAGES = 100  # fewer images give noisy activation ranges
+PERCENTILE_TAIL = 1e-4  # "percentile" observer: clip the 0.01 % lowest and highest calibration activations
+EQUALIZATION_SWEEPS = 4  # a conv shared by two pairs (pw -> dw -> pw) needs a few rounds to settle
+log = logging.getLogger(__name__)
 
 
 class QuantizationError(UserError):
@@ -100,15 +113,43 @@ def unfold_timm_layers(model: nn.Module) -> nn.Module:
     return model
 
 
-def qconfig_mapping(backend: str, per_channel: bool = True, qat: bool = False) -> QConfigMapping:
-    """The backend's default mapping (observers, fixed-range ops) with per-channel or per-tensor weights."""
+class PercentileObserver(HistogramObserver):
+    """HistogramObserver's histogram, but the range is cut at fixed percentiles instead of its L2 search.
+
+    Clips the ``PERCENTILE_TAIL`` fraction of activations at each end: rare outliers then cost no resolution.
+    """
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.min_val == float("inf") and self.max_val == float("-inf"):  # never saw data: the parent warns
+            return super().calculate_qparams()
+        cdf = torch.cumsum(self.histogram, 0) / self.histogram.sum()
+        edges = torch.linspace(self.min_val.item(), self.max_val.item(), self.bins + 1)
+        low = torch.searchsorted(cdf, torch.tensor(PERCENTILE_TAIL, dtype=cdf.dtype))
+        high = torch.searchsorted(cdf, torch.tensor(1 - PERCENTILE_TAIL, dtype=cdf.dtype)).clamp(max=self.bins - 1)
+        return self._calculate_qparams(edges[low], edges[high + 1])
+
+
+# PTQ activation observers; weights keep per-channel (or per-tensor) min-max. "histogram" is the backends' default.
+ACTIVATION_OBSERVERS = {"minmax": MinMaxObserver, "moving-average": MovingAverageMinMaxObserver,
+                        "histogram": HistogramObserver, "percentile": PercentileObserver}
+DEFAULT_OBSERVER = "histogram"
+
+
+def qconfig_mapping(backend: str, per_channel: bool = True, qat: bool = False,
+                    observer: str = DEFAULT_OBSERVER) -> QConfigMapping:
+    """The backend's default mapping (fixed-range ops kept) with the chosen PTQ activation observer and weight scales.
+
+    x86/fbgemm quantise activations to 7 bits (``reduce_range``), as their default mapping does.
+    """
     if qat:
         mapping = get_default_qat_qconfig_mapping(backend)
         weight = default_fused_per_channel_wt_fake_quant if per_channel else default_fused_wt_fake_quant
+        activation = mapping.global_qconfig.activation
     else:
         mapping = get_default_qconfig_mapping(backend)
         weight = default_per_channel_weight_observer if per_channel else default_weight_observer
-    return mapping.set_global(QConfig(activation=mapping.global_qconfig.activation, weight=weight))
+        activation = ACTIVATION_OBSERVERS[observer].with_args(reduce_range=backend != "qnnpack")
+    return mapping.set_global(QConfig(activation=activation, weight=weight))
 
 
 def _conv_bn_relu6_chains(model: nn.Module) -> list[tuple[str, str, str]]:
@@ -144,6 +185,7 @@ def relu6_to_relu(model: nn.Module) -> list[str]:
     return [conv for conv, _, _ in chains]
 
 
+@functools.cache
 def _at_most_six(observer: type) -> type:
     """``observer`` whose range is capped at [0, 6]: quantising a ReLU output with it saturates at 6, i.e. ReLU6."""
     class AtMostSix(observer):
@@ -153,17 +195,15 @@ def _at_most_six(observer: type) -> type:
     return AtMostSix
 
 
-_ReLU6Observer = _at_most_six(HistogramObserver)
-_ReLU6QATObserver = _at_most_six(MovingAverageMinMaxObserver)
 FUSED_CONV_RELU = (intrinsic.ConvReLU2d, intrinsic.qat.ConvReLU2d, intrinsic.qat.ConvBnReLU2d)
 
 
-def clip_at_six(prepared: torch.fx.GraphModule, convs: list[str], qat: bool) -> None:
+def clip_at_six(prepared: torch.fx.GraphModule, convs: list[str], qat: bool, observer: str = DEFAULT_OBSERVER) -> None:
     """Give each named fused conv-ReLU an output quantiser calibrated as usual but capped at [0, 6].
 
     A fake quantiser also for PTQ: calibration must see the clipped values the INT8 model produces.
     """
-    observer = _ReLU6QATObserver if qat else _ReLU6Observer
+    observer = _at_most_six(MovingAverageMinMaxObserver if qat else ACTIVATION_OBSERVERS[observer])
     for node in prepared.graph.nodes:
         if node.op == "call_module" and node.target in convs:
             if not isinstance(prepared.get_submodule(node.target), FUSED_CONV_RELU):  # unfused: clipping would be wrong
@@ -185,31 +225,41 @@ def _blocking_module(model: nn.Module, trace: TracebackType | None) -> str:
     return found
 
 
-def prepare(model: nn.Module, backend: str, img_size: int, per_channel: bool = True, qat: bool = False) -> torch.fx.GraphModule:
-    """Unfold, trace and insert observers (PTQ, eval mode) or fake quantisation (QAT, train mode)."""
+def prepare(model: nn.Module, backend: str, img_size: int, per_channel: bool = True, qat: bool = False,
+            observer: str = DEFAULT_OBSERVER) -> torch.fx.GraphModule:
+    """Unfold, trace and insert observers (PTQ, eval mode) or fake quantisation (QAT, train mode).
+
+    ``meta`` keeps the mapping (``convert`` extends it with float layers) and the ReLU6 convs (never float: their ReLU6
+    is the INT8 requantisation).
+    """
     set_backend(backend)
     model = unfold_timm_layers(copy.deepcopy(model).cpu().train(qat))
     example = (torch.zeros(1, 3, img_size, img_size),)
     insert = prepare_qat_fx if qat else prepare_fx
     try:
         relu6_convs = relu6_to_relu(model) if backend == "qnnpack" else []
-        prepared = insert(model, qconfig_mapping(backend, per_channel, qat), example)
+        mapping = qconfig_mapping(backend, per_channel, qat, observer)
+        prepared = insert(model, mapping, example)
     except Exception as error:  # tracing raises TraceError, TypeError, RuntimeError... from user code
         where = _blocking_module(model, error.__traceback__)
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise QuantizationError(
             f"{type(model).__name__} cannot be traced for FX quantisation; module {where or '(top level)'} stops it: {first_line}"
         ) from None
-    clip_at_six(prepared, relu6_convs, qat)
+    clip_at_six(prepared, relu6_convs, qat, observer)
+    prepared.meta.update(qconfig_mapping=mapping, relu6_convs=relu6_convs)
     return prepared
 
 
-def convert(prepared: torch.fx.GraphModule, img_size: int) -> torch.fx.GraphModule:
-    """An INT8 CPU copy of a prepared (calibrated or QAT) model; ``prepared`` is left untouched.
+def convert(prepared: torch.fx.GraphModule, img_size: int, float_layers: Iterable[str] = ()) -> torch.fx.GraphModule:
+    """An INT8 CPU copy of a prepared (calibrated or QAT) model, ``float_layers`` left in FP32; ``prepared`` is untouched.
 
     One test forward names the op when a float op has no quantised kernel.
     """
-    converted = convert_fx(copy.deepcopy(prepared).cpu().eval())
+    mapping = copy.deepcopy(prepared.meta["qconfig_mapping"])
+    for name in float_layers:
+        mapping.set_module_name(name, None)
+    converted = convert_fx(copy.deepcopy(prepared).cpu().eval(), qconfig_mapping=mapping)
     try:
         with torch.inference_mode():
             converted(torch.zeros(1, 3, img_size, img_size))
@@ -251,6 +301,170 @@ def calibrate(prepared: torch.fx.GraphModule, batches: Iterable[tuple[torch.Tens
     return seen
 
 
+def _weighted(module: nn.Module) -> nn.Module:
+    """The conv/linear inside a fused float module (conv-ReLU), or the module itself."""
+    return module[0] if isinstance(module, intrinsic._FusedModule) else module
+
+
+def quantisable_layers(prepared: torch.fx.GraphModule) -> list[str]:
+    """Conv/linear layers of a prepared model that may be kept in float, in graph order (ReLU6 convs excluded)."""
+    excluded = set(prepared.meta["relu6_convs"])
+    return [node.target for node in prepared.graph.nodes
+            if node.op == "call_module" and node.target not in excluded
+            and type(_weighted(prepared.get_submodule(node.target))) in (nn.Conv2d, nn.Linear)]
+
+
+def _equalizable_pairs(prepared: torch.fx.GraphModule) -> list[tuple[nn.Conv2d, nn.Conv2d]]:
+    """(first, second) convs where the first's output, through ReLU or nothing, feeds only the second.
+
+    ReLU commutes with positive per-channel scales; hardswish, ReLU6 (and qnnpack's ReLU capped at 6), SE blocks and
+    residual adds do not, so those links are left alone. The second conv must be dense or depthwise.
+    """
+    excluded = set(prepared.meta["relu6_convs"])
+    module = prepared.get_submodule  # not named_modules(): shared observers appear there under one name only
+    pairs = []
+    for node in prepared.graph.nodes:
+        if node.op != "call_module" or type(_weighted(module(node.target))) is not nn.Conv2d:
+            continue
+        second = _weighted(module(node.target))
+        observer = node.args[0]
+        first_node = observer.args[0] if isinstance(observer, torch.fx.Node) and observer.args else None
+        if (not isinstance(first_node, torch.fx.Node) or first_node.op != "call_module" or first_node.target in excluded
+                or len(first_node.users) != 1 or len(observer.users) != 1):
+            continue
+        first = module(first_node.target)
+        relu_or_none = type(first) is intrinsic.ConvReLU2d or type(first) is nn.Conv2d
+        if relu_or_none and type(_weighted(first)) is nn.Conv2d and second.groups in (1, second.in_channels):
+            pairs.append((_weighted(first), second))
+    return pairs
+
+
+@torch.no_grad()
+def _equalize_pair(first: nn.Conv2d, second: nn.Conv2d) -> None:
+    """Scale channel i of ``first`` by 1/s_i and of ``second``'s input by s_i so both weight ranges become sqrt(r1 r2)."""
+    depthwise = second.groups == second.in_channels and second.groups > 1
+    range1 = first.weight.abs().amax(dim=(1, 2, 3))
+    range2 = second.weight.abs().amax(dim=(1, 2, 3) if depthwise else (0, 2, 3))
+    scale = torch.where((range1 > 0) & (range2 > 0), (range1 / range2).sqrt(), torch.ones_like(range1))
+    first.weight.div_(scale.view(-1, 1, 1, 1))
+    if first.bias is not None:
+        first.bias.div_(scale)
+    second.weight.mul_(scale.view(-1, 1, 1, 1) if depthwise else scale.view(1, -1, 1, 1))
+
+
+def equalize(prepared: torch.fx.GraphModule) -> int:
+    """Cross-layer equalisation (Nagel et al., 2019) of a prepared PTQ model before calibration; returns the pairs.
+
+    Needs BatchNorm folded into the convs, which ``prepare_fx`` does in eval mode; the FP32 function is unchanged.
+    """
+    pairs = _equalizable_pairs(prepared)
+    for _ in range(EQUALIZATION_SWEEPS):
+        for first, second in pairs:
+            _equalize_pair(first, second)
+    return len(pairs)
+
+
+def _weight_error_mean(module: nn.Module, delta: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """Per output channel, the batch sum of the mean error that the weight rounding ``delta`` adds to the output."""
+    if isinstance(module, nnq.Conv2d):
+        error = nn.functional.conv2d(inputs, delta, None, module.stride, module.padding, module.dilation, module.groups)
+        return error.mean(dim=(2, 3)).sum(0)
+    return nn.functional.linear(inputs, delta).flatten(0, -2).mean(0) * len(inputs)
+
+
+@torch.inference_mode()
+def correct_bias(converted: torch.fx.GraphModule, prepared: torch.fx.GraphModule,
+                 batches: Iterable[tuple[torch.Tensor, torch.Tensor]], max_batches: int) -> int:
+    """Empirical bias correction (Nagel et al., 2019), in place; returns how many layers were corrected.
+
+    Weight rounding shifts each INT8 conv/linear output channel's mean by E[(W_int8 - W) x]; that mean, over the
+    calibration images as they reach the layer in the INT8 model, is subtracted from its bias (before its ReLU).
+    """
+    layers = {name: module for name, module in converted.named_modules() if isinstance(module, (nnq.Conv2d, nnq.Linear))}
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(name: str, module: nn.Module, delta: torch.Tensor) -> Callable:
+        def accumulate(_: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            sums[name] = sums.get(name, 0) + _weight_error_mean(module, delta, args[0].dequantize())
+        return accumulate
+
+    handles = [module.register_forward_pre_hook(hook(name, module, module.weight().dequantize()
+                                                     - _weighted(prepared.get_submodule(name)).weight))
+               for name, module in layers.items()]
+    seen = 0
+    try:
+        for images, _ in islice(batches, max_batches):
+            converted(images.cpu())
+            seen += len(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, module in layers.items():
+        bias = module.bias() if module.bias() is not None else torch.zeros(module.weight().shape[0])
+        module.set_weight_bias(module.weight(), bias - sums[name] / seen)
+    return len(layers)
+
+
+@torch.inference_mode()
+def rank_layers(converted: torch.fx.GraphModule, prepared: torch.fx.GraphModule,
+                batches: Iterable[tuple[torch.Tensor, torch.Tensor]], max_batches: int) -> list[str]:
+    """INT8 conv/linear layers, most sensitive first: by the relative squared error each adds to its own output.
+
+    One pass of the all-INT8 ``converted`` over the calibration images: each INT8 layer's output against its float
+    copy's on the same (INT8 model's) input. Cheap (no conversion per layer); the caller's accuracy check decides how many stay float.
+    """
+    layers = {name: converted.get_submodule(name) for name in quantisable_layers(prepared)}
+    noise: dict[str, float] = dict.fromkeys(layers, 0.0)
+    signal: dict[str, float] = dict.fromkeys(layers, 0.0)
+
+    def hook(name: str) -> Callable:
+        float_layer = prepared.get_submodule(name)
+
+        def compare(_: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            reference = float_layer(args[0].dequantize())
+            noise[name] += (output.dequantize() - reference).square().sum().item()
+            signal[name] += reference.square().sum().item()
+        return compare
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in layers.items()]
+    try:
+        for images, _ in islice(batches, max_batches):
+            converted(images.cpu())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sorted(layers, key=lambda name: noise[name] / max(signal[name], 1e-12), reverse=True)
+
+
+def fewest_float_layers(ranked: list[str], build: Callable[[list[str]], nn.Module], accuracy: Callable[[nn.Module], float],
+                        target: float) -> tuple[nn.Module, list[str], float]:
+    """The model with the shortest prefix of ``ranked`` in float whose accuracy reaches ``target``, and that prefix.
+
+    Doubling then bisection on the prefix length: about 2 log2(layers) evaluations, exact if accuracy grows with it.
+    """
+    tried: dict[int, tuple[nn.Module, float]] = {}
+
+    def reaches(count: int) -> bool:
+        model = build(ranked[:count])
+        tried[count] = (model, accuracy(model))
+        log.info("  %d layer(s) in float: accuracy %.4f (target %.4f)", count, tried[count][1], target)
+        return tried[count][1] >= target - 1e-9  # accuracies are fractions of images: no float-rounding misses
+
+    if reaches(0):
+        return tried[0][0], [], tried[0][1]
+    low, high = 0, min(1, len(ranked))  # low misses the target; high is the next prefix length to try
+    while not reaches(high):
+        if high == len(ranked):
+            log.warning("accuracy %.4f misses %.4f even with all %d layers in float (the rest of the graph stays INT8): "
+                        "keeping them all", tried[high][1], target, high)
+            return tried[high][0], ranked, tried[high][1]
+        low, high = high, min(2 * high, len(ranked))
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if reaches(middle) else (middle, high)
+    return tried[high][0], ranked[:high], tried[high][1]
+
+
 def qat_schedule(prepared: nn.Module, observer_epochs: int, bn_freeze_epochs: int) -> Callable[[int], None]:
     """``before_epoch`` hook: freeze observers, then BatchNorm statistics (torchvision's QAT recipe)."""
     def before_epoch(epoch: int) -> None:
@@ -290,10 +504,11 @@ def build_quantized(description: RunDescription) -> torch.fx.GraphModule:
     shapes = {k: torch.ones(shape) for k, shape in settings["fp32_shapes"].items()}  # placeholder values: overwritten
     fp32 = model_from_checkpoint({"description": description, "model": shapes})
     size = description.img_size
-    prepared = prepare(fp32, settings["backend"], size, settings["per_channel"], qat=settings["mode"] == "qat")
+    prepared = prepare(fp32, settings["backend"], size, settings["per_channel"], qat=settings["mode"] == "qat",
+                       observer=settings.get("observer", DEFAULT_OBSERVER))  # checkpoints before the option: default
     with warnings.catch_warnings():  # observers never saw data: their ranges are replaced by the stored ones
         warnings.filterwarnings("ignore", message="must run observer before calling calculate_qparams")
-        return convert(prepared, size)
+        return convert(prepared, size, settings.get("float_layers", ()))
 
 
 def load_quantized(path: Path | str) -> torch.fx.GraphModule:

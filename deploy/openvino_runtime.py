@@ -1,0 +1,50 @@
+"""Torch-free inference with an OpenVINO IR (model.xml + model.bin from ``export.py --openvino``).
+
+The IR carries the deploy info (class names, mean/std, img_size) in its rt_info under ``METADATA_KEY``, so the
+.xml/.bin pair is all a device needs besides this module, ``deploy.edge`` and the openvino package.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+
+from deploy.edge import METADATA_KEY, EdgeModelError, ExportedClassifier, all_threads, softmax
+
+
+def read_ir(path: Path | str) -> tuple[ov.Model, dict]:
+    """The IR at ``path`` and its deploy info; EdgeModelError (one line) for anything that is not the toolkit's IR."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeModelError(f"OpenVINO IR file '{path}' does not exist")
+    if path.suffix != ".xml":  # OpenVINO would also read an ONNX file here, without the rt_info
+        raise EdgeModelError(f"'{path}' is not an OpenVINO IR: pass the model.xml written by export.py --openvino "
+                             "(its model.bin beside it)")
+    try:
+        model = ov.Core().read_model(path)
+    except Exception as error:  # OpenVINO raises RuntimeError subclasses with multi-line messages
+        raise EdgeModelError(f"'{path}' is not a readable OpenVINO IR ({type(error).__name__}: "
+                             f"{str(error).strip().splitlines()[0]})") from None
+    if not model.has_rt_info([METADATA_KEY]):
+        raise EdgeModelError(f"'{path}' has no class names or preprocessing metadata: export it with export.py --openvino")
+    return model, json.loads(model.get_rt_info([METADATA_KEY]).astype(str))
+
+
+def compile_ir(model: ov.Model, threads: int) -> ov.CompiledModel:
+    """The IR compiled for the CPU with ``threads`` inference threads and float32 arithmetic outside the INT8 ops:
+    the CPU plugin's default is bf16 on x86 CPUs with bf16 support and f16 on ARM, which moved the logits by ~5e-3."""
+    return ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
+
+
+class OpenVinoClassifier(ExportedClassifier):
+    """An exported OpenVINO IR (FP32 or INT8) behind EdgeClassifier's calls, for predict.py and stream.py --openvino."""
+
+    def __init__(self, path: Path | str, threads: int = all_threads()):
+        model, info = read_ir(path)
+        super().__init__(info)
+        self.compiled = compile_ir(model, threads)
+
+    def infer(self, inputs: np.ndarray) -> np.ndarray:
+        return softmax(self.compiled(inputs)[0])

@@ -1,0 +1,169 @@
+"""PTQ methods of models/quantize.py and quantization-train.py: observers, equalisation, bias correction, --max-drop."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, run_script
+
+from models.factory import model_from_checkpoint
+from models.quantize import (
+    ACTIVATION_OBSERVERS,
+    DEFAULT_OBSERVER,
+    calibrate,
+    convert,
+    correct_bias,
+    equalize,
+    fewest_float_layers,
+    prepare,
+    quantisable_layers,
+    rank_layers,
+    save_quantized,
+)
+from utils.checkpoint import load_checkpoint
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def fp32(trained_run: Path) -> torch.nn.Module:
+    return model_from_checkpoint(load_checkpoint(trained_run / "best.pt")).eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Two calibration batches of 64 (above MIN_CALIBRATION_IMAGES: no warning)."""
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.randn(64, 3, SIZE, SIZE, generator=generator), torch.zeros(64)) for _ in range(2)]
+
+
+def _calibrated(fp32: torch.nn.Module, images: list, backend: str = "x86", observer: str = DEFAULT_OBSERVER,
+                equalized: bool = False) -> torch.fx.GraphModule:
+    prepared = prepare(fp32, backend, SIZE, observer=observer)
+    if equalized:
+        equalize(prepared)
+    calibrate(prepared, images, len(images), 0)
+    return prepared
+
+
+def _qparams(converted: torch.fx.GraphModule) -> dict[str, float]:
+    """Every activation scale and zero point of an INT8 graph (quantised modules and quantize nodes)."""
+    return {k: float(v) for k, v in converted.state_dict().items() if k.endswith(("scale", "zero_point")) and v.numel() == 1}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["x86", "qnnpack"])
+def test_each_observer_changes_the_activation_qparams(fp32, images, backend):
+    default = _qparams(convert(_calibrated(fp32, images, backend), SIZE))
+    assert len(default) > 50
+    for observer in set(ACTIVATION_OBSERVERS) - {DEFAULT_OBSERVER}:
+        other = _qparams(convert(_calibrated(fp32, images, backend, observer=observer), SIZE))
+        assert other.keys() == default.keys()
+        differing = sum(other[k] != default[k] for k in default)
+        assert differing > len(default) // 4, (observer, differing)
+
+
+def test_equalization_changes_weights_but_not_the_fp32_function(fp32, images):
+    prepared = prepare(fp32, "x86", SIZE)  # BatchNorm folded; eval-mode observers only watch
+    x = images[0][0]
+    weights = {k: v.clone() for k, v in prepared.state_dict().items() if k.endswith("weight")}
+    with torch.inference_mode():
+        before = prepared(x)
+    assert equalize(prepared) >= 4  # the ReLU blocks of mobilenetv3_small_050
+    changed = [k for k, v in prepared.state_dict().items() if k in weights and not torch.equal(v, weights[k])]
+    with torch.inference_mode():
+        after = prepared(x)
+    assert len(changed) >= 8
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-4)
+
+
+def test_bias_correction_reduces_the_mean_output_error(fp32, images):
+    prepared = _calibrated(fp32, images)
+    int8 = convert(prepared, SIZE)
+    x = torch.cat([batch for batch, _ in images])
+    with torch.inference_mode():
+        reference = fp32(x)
+        before = (int8(x) - reference).mean(0).abs().mean()
+        assert correct_bias(int8, prepared, images, len(images)) == len(quantisable_layers(prepared))
+        after = (int8(x) - reference).mean(0).abs().mean()
+    assert after < before
+
+
+def test_fewest_float_layers_finds_the_shortest_prefix_in_few_evaluations():
+    ranked = [f"layer{i}" for i in range(40)]
+    evaluated = []
+
+    def accuracy(layers: list[str]) -> float:
+        evaluated.append(len(layers))
+        return 0.5 + 0.01 * len(layers)
+
+    model, layers, acc = fewest_float_layers(ranked, list, accuracy, target=0.63)
+    assert layers == ranked[:13] and model == layers and acc == pytest.approx(0.63)
+    assert len(evaluated) <= 2 * 6 + 1
+    assert fewest_float_layers(ranked, list, accuracy, target=0.4)[1] == []
+
+
+def test_layers_are_ranked_by_their_own_int8_error(fp32, images):
+    prepared = _calibrated(fp32, images, "qnnpack")
+    ranked = rank_layers(convert(prepared, SIZE), prepared, images, len(images))
+    assert sorted(ranked) == sorted(quantisable_layers(prepared))  # every candidate once, qnnpack's ReLU6 convs never
+    assert ranked != quantisable_layers(prepared)  # reordered by error, not graph order
+
+
+RELOAD = """
+import sys, torch
+from models.quantize import load_quantized
+with torch.inference_mode():
+    torch.save(load_quantized(sys.argv[1])(torch.load(sys.argv[2])), sys.argv[3])
+"""
+
+
+def _fresh_process_output(checkpoint: Path, x: torch.Tensor, tmp_path: Path) -> torch.Tensor:
+    torch.save(x, tmp_path / "x.pt")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    args = [checkpoint, tmp_path / "x.pt", tmp_path / "out.pt"]
+    result = subprocess.run([sys.executable, "-c", RELOAD, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return torch.load(tmp_path / "out.pt")
+
+
+@pytest.mark.slow
+def test_float_layers_and_observer_survive_a_reload_in_a_fresh_process(trained_run, fp32, images, tmp_path):
+    prepared = _calibrated(fp32, images, observer="percentile", equalized=True)
+    float_layers = quantisable_layers(prepared)[1:3]
+    int8 = convert(prepared, SIZE, float_layers)
+    correct_bias(int8, prepared, images, len(images))
+    assert all(not type(int8.get_submodule(name)).__module__.startswith("torch.ao.nn.quantized") for name in float_layers)
+    payload = load_checkpoint(trained_run / "best.pt")
+    settings = {"backend": "x86", "per_channel": True, "mode": "ptq", "observer": "percentile", "float_layers": float_layers}
+    save_quantized(tmp_path / "int8.pt", int8, payload, settings)
+    x = images[0][0][:8]
+    with torch.inference_mode():
+        expected = int8(x)
+    assert torch.equal(_fresh_process_output(tmp_path / "int8.pt", x, tmp_path), expected)
+
+
+@pytest.mark.slow
+def test_max_drop_holds_on_validation_and_reports_float_layers(trained_run, tmp_path, capsys):
+    args = ("--checkpoint", trained_run / "best.pt", "--mode", "ptq", "--max-drop", "0", "--bias-correction", "--calib-batches", "2",
+            "--batch-size", "16", "--workers", "0", "--output-dir", tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 32 calibration images: CalibrationWarning
+        assert run_script("quantization-train.py", *args) == 0
+    (run_dir,) = (tmp_path / "quantization").iterdir()
+    ptq = json.loads((run_dir / "summary.json").read_text())["ptq"]
+    assert ptq["val_acc"] >= ptq["val_acc_fp32"] and ptq["max_drop"] == 0
+    settings = load_checkpoint(run_dir / "int8_ptq.pt")["description"].quantization
+    assert settings["float_layers"] == ptq["float_layers"] and settings["bias_correction"] is True
+    assert f"float layers ({len(ptq['float_layers'])})" in capsys.readouterr().out
+    x = torch.randn(4, 3, SIZE, SIZE)
+    with torch.inference_mode():
+        traced = torch.jit.load(run_dir / "int8_ptq.torchscript.pt")(x)  # traced from the in-memory INT8 model
+    assert torch.equal(_fresh_process_output(run_dir / "int8_ptq.pt", x, tmp_path), traced)
