@@ -15,7 +15,8 @@ import json
 import sys
 from collections import Counter
 
-from deploy.edge import EdgeClassifier, all_threads
+from deploy.artifacts import add_model_args, open_classifier
+from deploy.edge import all_threads
 from deploy.files import Prediction, Throughput, classify_files, find_images
 from utils.cli import positive_int, run_cli
 from utils.io import atomic_open
@@ -26,13 +27,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Classify image files and folders (recursively) as Normal or one of the stitch defects.",
         epilog="Example: python predict.py --onnx runs/export/<run>/model.onnx ../shared/stitchingnet-samples --top-k 3",
     )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", metavar="FILE", help="best.pt of any run (PyTorch inference)")
-    source.add_argument("--onnx", metavar="FILE",
-                        help="model.onnx or model.int8.onnx from export.py (ONNX Runtime; needs neither the checkpoint nor torch)")
-    source.add_argument("--openvino", metavar="FILE.xml",
-                        help="model.xml or model.int8.xml from export.py --openvino (OpenVINO; its .bin beside it; needs neither "
-                             "the checkpoint nor torch)")
+    add_model_args(parser)
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
     parser.add_argument("--json", action="store_true",
                         help="print only a JSON array of {path, class, confidence, defect} on stdout (messages go to stderr)")
@@ -54,16 +49,7 @@ def write_csv(predictions: list[Prediction], path: str, top_k: int) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.onnx:
-        classifier = EdgeClassifier(args.onnx, args.threads)
-    elif args.openvino:
-        from deploy.openvino_runtime import OpenVinoClassifier  # imported here so that the ONNX path needs no OpenVINO
-
-        classifier = OpenVinoClassifier(args.openvino, args.threads)
-    else:
-        from deploy.classify import TorchClassifier  # imported here so that the ONNX and OpenVINO paths never import torch
-
-        classifier = TorchClassifier.from_checkpoint(args.checkpoint, args.threads)
+    classifier = open_classifier(args.checkpoint, args.onnx, args.openvino, args.threads)
     info = classifier.info
     files = find_images(args.paths)
     clock = Throughput()

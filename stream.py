@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from deploy.edge import EdgeClassifier
+from deploy.artifacts import add_model_args, open_classifier
 from deploy.sources import open_source
 from deploy.stream import Inspector, Outputs, Settings, Summary, open_window, run
 from deploy.tiling import Box, parse_roi
@@ -37,11 +37,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         epilog="Example: python stream.py --onnx runs/export/<run>/model.onnx --source seam.mp4 --roi 40,248,1200,224 --tile 224 "
                "--consecutive 3 --save-defects alerts/",
     )
-    model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", metavar="FILE", help="best.pt of any run (PyTorch inference)")
-    model.add_argument("--onnx", metavar="FILE", help="model.onnx from export.py (ONNX Runtime; needs neither the checkpoint nor torch)")
-    model.add_argument("--openvino", metavar="FILE.xml",
-                       help="model.xml from export.py --openvino (OpenVINO; needs neither the checkpoint nor torch)")
+    add_model_args(parser)
     parser.add_argument("--source", required=True, metavar="SOURCE",
                         help="camera index (0), 'picamera' (Raspberry Pi camera, Picamera2), rtsp:// or http(s):// URL, "
                              "a video file, or a folder of images played in name order")
@@ -72,16 +68,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.onnx:
-        classifier = EdgeClassifier(args.onnx, args.threads)
-    elif args.openvino:
-        from deploy.openvino_runtime import OpenVinoClassifier  # imported here so that the ONNX path needs no OpenVINO
-
-        classifier = OpenVinoClassifier(args.openvino, args.threads)
-    else:
-        from deploy.classify import TorchClassifier  # imported here so that the ONNX and OpenVINO paths never import torch
-
-        classifier = TorchClassifier.from_checkpoint(args.checkpoint, args.threads)
+    classifier = open_classifier(args.checkpoint, args.onnx, args.openvino, args.threads)
     settings = Settings(args.roi, args.tile, args.stride, args.threshold, args.consecutive)
     inspector = Inspector(classifier, settings)
     source = open_source(args.source)
