@@ -34,9 +34,11 @@ from engine.run import create_run_dir, prepare_data, record
 from models.factory import model_from_checkpoint
 from models.stats import model_stats, time_runs
 from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.cli import positive_int, run_cli
+from utils.cli import non_negative_float, positive_int, run_cli
 from utils.description import RunDescription
 from utils.distributed import Runtime
+from utils.errors import UserError
+from utils.io import save_json
 from utils.results import print_table
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "for predict.py/stream.py --openvino)")
     parser.add_argument("--calibration-images", type=positive_int, default=200, metavar="N",
                         help="training-split images used to calibrate INT8 activation ranges (default: %(default)s)")
+    parser.add_argument("--max-drop", type=non_negative_float, metavar="POINTS",
+                        help="with --openvino --int8: make the OpenVINO INT8 model with NNCF's accuracy control, which "
+                             "reverts the layers that cost the most accuracy to float until top-1 accuracy on the "
+                             "checkpoint's whole validation split is at most POINTS percentage points below the FP32 IR's "
+                             "(>= 0). The search costs validation passes: two for FP32/INT8, a ranking of every quantised "
+                             "layer on --calibration-images of them, then one full pass per reverted group")
     parser.add_argument("--torchscript", action="store_true", help="also write a traced, frozen FP32 TorchScript model")
     parser.add_argument("--benchmark", action="store_true",
                         help="time every artifact in this process on the same inputs: batch-1 median/p90 at 1 and all "
@@ -96,6 +104,8 @@ def latency_ms(module: torch.nn.Module, img_size: int) -> float:
 
 
 def main(args: argparse.Namespace) -> None:
+    if args.max_drop is not None and not (args.openvino and args.int8):
+        raise UserError("--max-drop bounds the accuracy loss of the OpenVINO INT8 model: add --openvino --int8")
     if args.torch_int8 and not args.benchmark:
         raise CheckpointError("--torch-int8 is only used by --benchmark: add --benchmark")
     torch_int8 = load_torch_int8(args.torch_int8) if args.torch_int8 else None  # a bad file fails before any work
@@ -138,7 +148,7 @@ def main(args: argparse.Namespace) -> None:
         artifacts["pytorch-int8"] = torch_int8
     artifacts["onnxruntime-fp32"] = lambda threads: OnnxModule(fp32_path, threads)
 
-    calibration = None
+    calibration, accuracy_control = None, None
     if args.int8:
         int8_path = fp32_path.with_suffix(".int8.onnx")
         train_images = bundle.parts["train"].images
@@ -152,7 +162,13 @@ def main(args: argparse.Namespace) -> None:
     if args.openvino:
         import openvino  # with NNCF, seconds to import: only for --openvino
 
-        from deploy.openvino_export import OpenVinoModule, export_openvino, ir_bytes, quantize_openvino
+        from deploy.openvino_export import (
+            OpenVinoModule,
+            export_openvino,
+            ir_bytes,
+            quantize_openvino,
+            quantize_openvino_with_accuracy_control,
+        )
 
         versions += f", openvino {openvino.get_version()}"
         ov_path = fp32_path.with_suffix(".xml")
@@ -162,11 +178,21 @@ def main(args: argparse.Namespace) -> None:
         artifacts["openvino-fp32"] = lambda threads: OpenVinoModule(ov_path, threads)
         if calibration is not None:
             ov_int8_path = fp32_path.with_suffix(".int8.xml")
-            quantize_openvino(fp32_ir, deploy_info(description), ov_int8_path, calibration)
+            if args.max_drop is None:
+                quantize_openvino(fp32_ir, deploy_info(description), ov_int8_path, calibration)
+            else:
+                val = bundle.parts["val"]
+                val_images = torch.stack([preprocess(image) for image in val.images]).numpy()
+                accuracy_control = quantize_openvino_with_accuracy_control(
+                    fp32_ir, deploy_info(description), ov_int8_path, calibration, val_images, val.labels, args.max_drop)[1]
             check_parity("OpenVINO INT8", model, OpenVinoModule(ov_int8_path), parity_inputs, gated=False)
             rows.append(score(ov_int8_path, "openvino-int8", OpenVinoModule, *scoring, file_bytes=ir_bytes(ov_int8_path)))
             artifacts["openvino-int8"] = lambda threads: OpenVinoModule(ov_int8_path, threads)
 
+    summary = {row["method"]: {"checkpoint": row["checkpoint"], "test_acc": row["test_acc"], "file_mb": row["file_mb"]} for row in rows}
+    if accuracy_control:
+        summary["openvino-int8"]["accuracy_control"] = accuracy_control
+    save_json(summary, run_dir / "summary.json")
     print_table(rows)
     if args.benchmark:
         log.info("benchmark: %d artifacts, %d runs each at 1 and %d threads ...", len(artifacts), args.runs, all_threads())

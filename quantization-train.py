@@ -3,6 +3,7 @@
 From a checkpoint:  python quantization-train.py --checkpoint runs/main/<run>/best.pt --mode both
 From scratch:       python quantization-train.py --model mobilenetv3_small   (fine-tunes FP32 with main.py's engine first)
 Better PTQ:         ... --mode ptq --observer percentile --equalize --bias-correction --max-drop 1.0
+PT2E PTQ:           ... --api pt2e --backend x86   (torch.export + torchao quantizer; writes int8_ptq.pt2 instead of TorchScript)
 
 INT8 runs on the CPU. Outputs go to <output-dir>/quantization/<timestamp>_<model>/: int8_<mode>.pt
 (weights_only checkpoint, load with models.quantize.load_quantized), int8_<mode>.torchscript.pt
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import types
 from itertools import islice
 from pathlib import Path
 
@@ -32,12 +34,11 @@ from models.quantize import (
     convert,
     correct_bias,
     equalize,
-    fewest_float_layers,
+    fewest_float_units,
     load_quantized,
     observers_paused,
     prepare,
     qat_schedule,
-    rank_layers,
     save_quantized,
     save_torchscript,
     set_backend,
@@ -67,7 +68,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "without it, --model is first fine-tuned exactly as main.py would")
     add_model_args(parser)
     group = parser.add_argument_group("quantisation")
-    group.add_argument("--mode", choices=("ptq", "qat", "both"), default="both", help="default: %(default)s")
+    group.add_argument("--api", choices=("fx", "pt2e"), default="fx",
+                       help="quantisation workflow: fx = torch.ao FX graph mode (PTQ methods below, QAT, TorchScript file); "
+                            "pt2e = torch.export + torchao quantizer (X86InductorQuantizer for x86/fbgemm, ArmInductorQuantizer "
+                            "for qnnpack), PTQ only, writes int8_ptq.pt2 for torch.export.load (default: %(default)s)")
+    group.add_argument("--mode", choices=("ptq", "qat", "both"),
+                       help="default: both with --api fx, ptq with --api pt2e (PT2E QAT is not implemented)")
+    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                       help="--api pt2e: time the INT8 model compiled by torch.compile (inductor, freezing: fused int8 "
+                            "kernels; about a minute to compile); --no-compile times the eager quantize/dequantize graph, "
+                            "which is slower than FP32 (default: on)")
     group.add_argument("--backend", default="x86",
                        help=f"quantised kernel set: {', '.join(BACKENDS)} (qnnpack = ARM, e.g. Raspberry Pi, 8-bit activations; "
                             "x86/fbgemm quantise activations to 7 bits; default: %(default)s)")
@@ -75,7 +85,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="per-output-channel weight scales (default: on; off = one scale per tensor)")
     group.add_argument("--calib-batches", type=positive_int, default=10,
                        help="PTQ calibration batches of --batch-size training images, no augmentation; also the data of "
-                            "--bias-correction and of --max-drop's layer ranking (default: %(default)s)")
+                            "--bias-correction (default: %(default)s)")
     group.add_argument("--observer", choices=tuple(ACTIVATION_OBSERVERS), default=DEFAULT_OBSERVER,
                        help="PTQ activation range: min-max, moving-average min-max, histogram (L2-optimal range search, the "
                             "backends' default) or percentile (histogram clipped at the 0.01st/99.99th percentiles); weights "
@@ -87,8 +97,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="PTQ: subtract from each INT8 conv/linear bias the mean output shift its weight rounding causes "
                             "on the calibration images")
     group.add_argument("--max-drop", type=non_negative_float, metavar="POINTS",
-                       help="PTQ: keep the fewest, most sensitive conv/linear layers in float so that validation accuracy "
-                            "drops by at most POINTS percentage points vs FP32 (default: everything INT8)")
+                       help="PTQ: keep the fewest blocks (stem, each network block, head) in float, chosen greedily by validation "
+                            "accuracy, so that it drops by at most POINTS percentage points vs FP32; costs up to one "
+                            "validation pass per block for each block floated (default: everything INT8)")
     group.add_argument("--qat-epochs", type=positive_int, default=5,
                        help="QAT fine-tuning epochs (--epochs/--lr are the FP32 fine-tune's; default: %(default)s)")
     group.add_argument("--qat-lr", type=positive_float, default=5e-5, help="QAT learning rate, all layers (default: %(default)s)")
@@ -117,7 +128,27 @@ def fp32_source(args: argparse.Namespace, config: RunConfig, runtime: Runtime) -
     return run_dir / "best.pt", load_checkpoint(run_dir / "best.pt"), bundle, run_dir
 
 
+FX_ONLY_PTQ = {"equalize": "--equalize", "bias_correction": "--bias-correction", "max_drop": "--max-drop"}
+
+
+def check_api(args: argparse.Namespace) -> None:
+    """Resolve --mode for the API; one error line for an FX-only option with --api pt2e, before any work."""
+    if args.mode is None:
+        args.mode = "ptq" if args.api == "pt2e" else "both"
+    if args.api != "pt2e":
+        return
+    used = [flag for name, flag in FX_ONLY_PTQ.items() if getattr(args, name) not in (None, False)]
+    used += [f"--observer {args.observer}"] if args.observer != DEFAULT_OBSERVER else []
+    if used:
+        raise UserError(f"{', '.join(used)}: FX-only PTQ method(s), not available with --api pt2e (its quantizer fixes the "
+                        "observers); drop them or use --api fx")
+    if args.mode != "ptq":
+        raise UserError(f"--mode {args.mode}: --api pt2e does PTQ only (QAT runs through the FX QAT hooks); use --mode ptq, "
+                        "or --api fx for QAT")
+
+
 def main(args: argparse.Namespace) -> None:
+    check_api(args)
     set_backend(args.backend)
     runtime = setup_runtime(args.device, args.amp)
     try:
@@ -126,6 +157,25 @@ def main(args: argparse.Namespace) -> None:
         quantize(args, RunConfig.from_flags(vars(args)), runtime)
     finally:
         cleanup(runtime)
+
+
+def pt2e() -> types.ModuleType:
+    """models.quantize_pt2e, imported on first use: importing torchao costs ~2.5 s that FX runs need not pay."""
+    from models import quantize_pt2e
+    return quantize_pt2e
+
+
+def pt2e_latency(program: Path, img_size: int, compiled: bool) -> tuple[float, str]:
+    """Batch-1, 1-thread latency of the saved .pt2 program as deployed: compiled by inductor, or eager if asked or if that fails."""
+    model = pt2e().load_program(program)
+    if compiled:
+        try:
+            return measure_latency(pt2e().compile_inference(model, img_size), img_size), \
+                f"{program.name}, torch.compile (inductor, freezing)"
+        except Exception as error:  # noqa: BLE001 - inductor needs a C++ compiler; time eager instead of failing the run
+            log.warning("torch.compile of %s failed (%s: %s): timing the eager graph", program.name, type(error).__name__,
+                        str(error).strip().splitlines()[0] if str(error).strip() else "")
+    return measure_latency(model, img_size), f"{program.name}, eager (reference quantize/dequantize ops)"
 
 
 def quantize(args: argparse.Namespace, config: RunConfig, runtime: Runtime) -> None:
@@ -139,27 +189,41 @@ def quantize(args: argparse.Namespace, config: RunConfig, runtime: Runtime) -> N
     int8_stats = {**stats, "size_mb": round(stats["params"] / 2**20, 4)}  # one byte per weight
     summary = {"fp32": {"checkpoint": str(checkpoint), "test_acc": fp32_test.acc, "test_loss": fp32_test.loss,
                         "file_mb": checkpoint.stat().st_size / 2**20, "latency_ms_1t": measure_latency(fp32, img_size)}}
-    settings = {"backend": args.backend, "per_channel": args.per_channel}
+    settings = {"api": args.api, "backend": args.backend, "per_channel": args.per_channel}
+    summary["api"] = args.api
+    if args.api == "pt2e" and args.compile:  # the INT8 row is timed compiled: time FP32 compiled as well
+        summary["fp32"]["latency_ms_1t_compiled"] = measure_latency(pt2e().compile_inference(fp32, img_size), img_size)
     rows = []
 
     def finish(int8: torch.nn.Module, method: str, epochs: int | str, **extra) -> None:
         path = run_dir / f"int8_{method}.pt"
-        save_quantized(path, int8, payload, {**settings, "mode": method, **extra},
-                       {"script": SCRIPT, "method": method, "img_size": img_size, "fp32_checkpoint": str(checkpoint)})
-        save_torchscript(int8, run_dir / f"int8_{method}.torchscript.pt", img_size)
+        describe = {"script": SCRIPT, "method": method, "img_size": img_size, "fp32_checkpoint": str(checkpoint)}
+        if args.api == "pt2e":
+            pt2e().save_quantized(path, int8, payload, {**settings, "mode": method, **extra}, describe)
+            pt2e().save_program(int8, run_dir / f"int8_{method}.pt2")
+        else:
+            save_quantized(path, int8, payload, {**settings, "mode": method, **extra}, describe)
+            save_torchscript(int8, run_dir / f"int8_{method}.torchscript.pt", img_size)
         output = evaluate(int8, data["test"], CPU, desc=f"test {method}")
         # time the saved file as a user loads it: right after QAT training the in-memory model ran 2x slower
         # than the identical graph reloaded from its file (9.3 vs 4.7 ms, mobilenetv3_small_100, 64 px)
-        latency = measure_latency(load_quantized(path), img_size)
+        if args.api == "pt2e":
+            latency, timed = pt2e_latency(run_dir / f"int8_{method}.pt2", img_size, args.compile)
+        else:
+            latency, timed = measure_latency(load_quantized(path), img_size), f"{path.name} (FX INT8 kernels)"
         row = record(output, bundle, description, run_dir, None, path, config.output_dir, SCRIPT, method, epochs=epochs,
                      latency_ms=latency, stats=int8_stats, report_dir=run_dir / method)
         rows.append(row)
         summary[method] = {"checkpoint": str(path), "test_acc": output.acc, "test_loss": output.loss, "file_mb": row["file_mb"],
-                           "latency_ms_1t": latency, **extra}
+                           "latency_ms_1t": latency, "latency_timed": timed, "api": args.api, **extra}
 
     if args.mode in ("ptq", "both"):
         calibration = list(islice(loaders(bundle, description, config.with_data(augment=0), CPU)["train"], args.calib_batches))
-        int8, extra = post_training(fp32, args, img_size, calibration, data["val"])
+        if args.api == "pt2e":
+            int8, extra = pt2e().quantize_ptq(fp32, args.backend, img_size, args.per_channel, calibration, args.calib_batches,
+                                              args.calib_batches * args.batch_size)
+        else:
+            int8, extra = post_training(fp32, args, img_size, calibration, data["val"])
         finish(int8, "ptq", "", **extra)
     if args.mode in ("qat", "both"):
         epochs = train_qat(fp32, bundle, description, args, config, Runtime(runtime.device), run_dir / "qat", data["val"])
@@ -193,9 +257,9 @@ def post_training(fp32: torch.nn.Module, args: argparse.Namespace, img_size: int
     if args.max_drop is None:
         return build([]), {**settings, "float_layers": []}
     fp32_val = evaluate(fp32, val_loader, CPU, desc="val fp32").acc
-    ranked = rank_layers(build([]), prepared, calibration, args.calib_batches)
-    int8, float_layers, val_acc = fewest_float_layers(
-        ranked, build, lambda model: evaluate(model, val_loader, CPU, desc="val int8").acc, fp32_val - args.max_drop / 100)
+    int8, float_layers, val_acc = fewest_float_units(
+        prepared.meta["float_units"], build, lambda model: evaluate(model, val_loader, CPU, desc="val int8").acc,
+        fp32_val - args.max_drop / 100)
     log.info("float layers (%d): %s | val acc %.4f, FP32 %.4f", len(float_layers), ", ".join(float_layers) or "none",
              val_acc, fp32_val)
     return int8, {**settings, "max_drop": args.max_drop, "float_layers": float_layers, "val_acc": val_acc,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import nncf
@@ -18,7 +19,7 @@ import onnx
 import openvino as ov
 import torch
 
-from deploy.edge import METADATA_KEY
+from deploy.edge import METADATA_KEY, all_threads
 from deploy.onnx_export import read_deploy_info
 from deploy.openvino_runtime import compile_ir, read_ir
 from utils.io import WriteError, atomic_path
@@ -60,6 +61,62 @@ def quantize_openvino(fp32: ov.Model, info: dict, path: Path, calibration: np.nd
     quantized = nncf.quantize(fp32, dataset, subset_size=len(calibration))
     save_ir(quantized, info, path)
     return quantized
+
+
+def top1_accuracy(compiled: ov.CompiledModel, items: Iterable[tuple[np.ndarray, int]]) -> tuple[float, list[float]]:
+    """NNCF's validation function: the toolkit's accuracy (argmax of the logits == label, as engine.loop.evaluate)
+    over (image [1, 3, H, W], label) items, and each item's 1.0/0.0, so NNCF ranks layers from these values instead
+    of running the images again one call per item."""
+    correct = [float(int(np.argmax(compiled(image)[0])) == int(label)) for image, label in items]
+    return (sum(correct) / len(correct) if correct else 0.0), correct
+
+
+WEIGHTED_OPS = ("Convolution", "GroupConvolution", "MatMul")
+
+
+def _int8_weights(layer: ov.Node) -> bool:
+    """Whether a conv/matmul's weights are INT8: its weight input leads (through the Multiply/Subtract/Convert of
+    NNCF's weight compression, or a Reshape/Transpose) to a FakeQuantize or an integer Constant."""
+    node = layer.input_value(1).get_node()
+    while node.get_type_name() in ("Multiply", "Subtract", "Convert", "Reshape", "Transpose"):
+        node = node.input_value(0).get_node()
+    return node.get_type_name() == "FakeQuantize" or (node.get_type_name() == "Constant" and node.get_element_type().is_integral())
+
+
+def float_layers(model: ov.Model) -> tuple[list[str], int]:
+    """The conv/matmul layers of a quantised IR whose weights are float, and how many such layers it has in all.
+    NNCF quantises every one of them with its CNN defaults, so after ``quantize_with_accuracy_control`` (which
+    reverts activations and weights) these are the layers it reverted."""
+    layers = [op for op in model.get_ordered_ops() if op.get_type_name() in WEIGHTED_OPS]
+    return [op.get_friendly_name() for op in layers if not _int8_weights(op)], len(layers)
+
+
+def quantize_openvino_with_accuracy_control(fp32: ov.Model, info: dict, path: Path, calibration: np.ndarray,
+                                            val_images: np.ndarray, val_labels: np.ndarray, max_drop: float) -> tuple[ov.Model, dict]:
+    """INT8 as ``quantize_openvino``, then NNCF's accuracy control: the layers that cost the most validation accuracy
+    go back to float, one group per step (a validation pass each, after ranking every quantised layer on a
+    subset), until top-1 accuracy on (``val_images``, ``val_labels``) is at most ``max_drop`` percentage points below
+    the FP32 IR's. Writes the model to ``path``; returns it with max_drop, val_acc_fp32, val_acc (both measured here
+    through ``compile_ir``, not NNCF's log), float_layers and quantizable_layers."""
+    items = [(np.ascontiguousarray(image[None], dtype=np.float32), int(label)) for image, label in zip(val_images, val_labels)]
+    val_acc_fp32 = top1_accuracy(compile_ir(fp32, all_threads()), items)[0]
+    calibration_set = nncf.Dataset([np.ascontiguousarray(image[None], dtype=np.float32) for image in calibration])
+    validation_set = nncf.Dataset(items, lambda item: item[0])
+    quantized = nncf.quantize_with_accuracy_control(
+        fp32, calibration_set, validation_set, top1_accuracy, max_drop=max_drop / 100, drop_type=nncf.DropType.ABSOLUTE,
+        subset_size=len(calibration))
+    val_acc = top1_accuracy(compile_ir(quantized, all_threads()), items)[0]
+    reverted, layers = float_layers(quantized)
+    log.info("OpenVINO INT8 (--max-drop %g): %d of %d conv/matmul layers in float%s", max_drop, len(reverted), layers,
+             f" ({', '.join(reverted)})" if reverted else "")
+    log.info("OpenVINO INT8 (--max-drop %g): val acc %.4f vs FP32 %.4f (%+.2f points, %d images)", max_drop, val_acc,
+             val_acc_fp32, 100 * (val_acc - val_acc_fp32), len(items))
+    if 100 * (val_acc_fp32 - val_acc) > max_drop + 1e-9:
+        log.warning("OpenVINO INT8 loses %.2f points of validation accuracy, more than --max-drop %g: NNCF could not meet "
+                    "the bound (all layers tried); the IR is written as it is", 100 * (val_acc_fp32 - val_acc), max_drop)
+    save_ir(quantized, info, path)
+    return quantized, {"max_drop": max_drop, "val_acc_fp32": val_acc_fp32, "val_acc": val_acc, "val_images": len(items),
+                       "float_layers": reverted, "quantizable_layers": layers}
 
 
 class OpenVinoModule(torch.nn.Module):

@@ -14,7 +14,7 @@ calibrated output range capped at [0, 6]: saturating at 6 is ReLU6, done by the 
 PTQ methods beyond the default (each optional, see docs/quantization.md): the activation observer
 (``ACTIVATION_OBSERVERS``), cross-layer equalisation of conv -> (ReLU) -> conv pairs (``equalize``),
 empirical bias correction (``correct_bias``) and accuracy-controlled mixed precision, which keeps the most
-sensitive layers in float (``rank_layers``, ``fewest_float_layers``).
+sensitive blocks in float (``float_units``, ``fewest_float_units``).
 
 INT8 artifacts use the project's one checkpoint format: the quantised state dict plus the
 FP32 description, loadable with ``torch.load(weights_only=True)``. ``load_quantized`` rebuilds
@@ -229,8 +229,8 @@ def prepare(model: nn.Module, backend: str, img_size: int, per_channel: bool = T
             observer: str = DEFAULT_OBSERVER) -> torch.fx.GraphModule:
     """Unfold, trace and insert observers (PTQ, eval mode) or fake quantisation (QAT, train mode).
 
-    ``meta`` keeps the mapping (``convert`` extends it with float layers) and the ReLU6 convs (never float: their ReLU6
-    is the INT8 requantisation).
+    ``meta`` keeps the mapping (``convert`` extends it with float modules), the ReLU6 convs (never float: their ReLU6
+    is the INT8 requantisation) and the units mixed precision may float (``float_units``).
     """
     set_backend(backend)
     model = unfold_timm_layers(copy.deepcopy(model).cpu().train(qat))
@@ -247,7 +247,7 @@ def prepare(model: nn.Module, backend: str, img_size: int, per_channel: bool = T
             f"{type(model).__name__} cannot be traced for FX quantisation; module {where or '(top level)'} stops it: {first_line}"
         ) from None
     clip_at_six(prepared, relu6_convs, qat, observer)
-    prepared.meta.update(qconfig_mapping=mapping, relu6_convs=relu6_convs)
+    prepared.meta.update(qconfig_mapping=mapping, relu6_convs=relu6_convs, float_units=float_units(model))
     return prepared
 
 
@@ -257,8 +257,12 @@ def convert(prepared: torch.fx.GraphModule, img_size: int, float_layers: Iterabl
     One test forward names the op when a float op has no quantised kernel.
     """
     mapping = copy.deepcopy(prepared.meta["qconfig_mapping"])
+    float_layers = list(float_layers)
     for name in float_layers:
-        mapping.set_module_name(name, None)
+        mapping.set_module_name(name, None)  # a block's name floats everything inside it
+    for conv in prepared.meta["relu6_convs"]:  # their ReLU6 is the INT8 requantisation: never float
+        if any(conv == name or conv.startswith(f"{name}.") for name in float_layers):
+            mapping.set_module_name(conv, mapping.global_qconfig)
     converted = convert_fx(copy.deepcopy(prepared).cpu().eval(), qconfig_mapping=mapping)
     try:
         with torch.inference_mode():
@@ -304,14 +308,6 @@ def calibrate(prepared: torch.fx.GraphModule, batches: Iterable[tuple[torch.Tens
 def _weighted(module: nn.Module) -> nn.Module:
     """The conv/linear inside a fused float module (conv-ReLU), or the module itself."""
     return module[0] if isinstance(module, intrinsic._FusedModule) else module
-
-
-def quantisable_layers(prepared: torch.fx.GraphModule) -> list[str]:
-    """Conv/linear layers of a prepared model that may be kept in float, in graph order (ReLU6 convs excluded)."""
-    excluded = set(prepared.meta["relu6_convs"])
-    return [node.target for node in prepared.graph.nodes
-            if node.op == "call_module" and node.target not in excluded
-            and type(_weighted(prepared.get_submodule(node.target))) in (nn.Conv2d, nn.Linear)]
 
 
 def _equalizable_pairs(prepared: torch.fx.GraphModule) -> list[tuple[nn.Conv2d, nn.Conv2d]]:
@@ -405,64 +401,64 @@ def correct_bias(converted: torch.fx.GraphModule, prepared: torch.fx.GraphModule
     return len(layers)
 
 
-@torch.inference_mode()
-def rank_layers(converted: torch.fx.GraphModule, prepared: torch.fx.GraphModule,
-                batches: Iterable[tuple[torch.Tensor, torch.Tensor]], max_batches: int) -> list[str]:
-    """INT8 conv/linear layers, most sensitive first: by the relative squared error each adds to its own output.
+def _has_weights(module: nn.Module) -> bool:
+    return any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in module.modules())
 
-    One pass of the all-INT8 ``converted`` over the calibration images: each INT8 layer's output against its float
-    copy's on the same (INT8 model's) input. Cheap (no conversion per layer); the caller's accuracy check decides how many stay float.
+
+def float_units(model: nn.Module) -> list[list[str]]:
+    """Candidates for mixed precision, in module order: each block of a stage container (timm's ``blocks.i.j``,
+    ResNet's ``layerN.i``), the other top-level children (stem, head, classifier) with each weightless one (an
+    activation, a pooling) joined to the weighted unit before it.
+
+    Whole blocks, not single layers: on MobileNetV3 the INT8 loss sits in the activation quantisers (hardswish,
+    squeeze-excite products, residual adds) as much as in the convs, and floating every conv/linear still lost
+    3 points (docs/quantization.md).
     """
-    layers = {name: converted.get_submodule(name) for name in quantisable_layers(prepared)}
-    noise: dict[str, float] = dict.fromkeys(layers, 0.0)
-    signal: dict[str, float] = dict.fromkeys(layers, 0.0)
+    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+        for name, child in module.named_children():
+            stage = isinstance(child, (nn.Sequential, nn.ModuleList)) and any(any(True for _ in c.children()) for c in child.children())
+            yield from walk(child, f"{prefix}{name}.") if stage else [(f"{prefix}{name}", child)]
 
-    def hook(name: str) -> Callable:
-        float_layer = prepared.get_submodule(name)
-
-        def compare(_: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            reference = float_layer(args[0].dequantize())
-            noise[name] += (output.dequantize() - reference).square().sum().item()
-            signal[name] += reference.square().sum().item()
-        return compare
-
-    handles = [module.register_forward_hook(hook(name)) for name, module in layers.items()]
-    try:
-        for images, _ in islice(batches, max_batches):
-            converted(images.cpu())
-    finally:
-        for handle in handles:
-            handle.remove()
-    return sorted(layers, key=lambda name: noise[name] / max(signal[name], 1e-12), reverse=True)
+    units: list[list[str]] = []
+    pending: list[str] = []  # weightless modules before the first weighted one
+    for name, child in walk(model, ""):
+        if _has_weights(child):
+            units.append(pending + [name])
+            pending = []
+        elif units:
+            units[-1].append(name)
+        else:
+            pending.append(name)
+    return units
 
 
-def fewest_float_layers(ranked: list[str], build: Callable[[list[str]], nn.Module], accuracy: Callable[[nn.Module], float],
-                        target: float) -> tuple[nn.Module, list[str], float]:
-    """The model with the shortest prefix of ``ranked`` in float whose accuracy reaches ``target``, and that prefix.
+def fewest_float_units(units: list[list[str]], build: Callable[[list[str]], nn.Module],
+                       accuracy: Callable[[nn.Module], float], target: float) -> tuple[nn.Module, list[str], float]:
+    """Greedy forward selection: float, one at a time, the unit whose float version raises ``accuracy`` most, until it
+    reaches ``target``. Returns the model, its float module names and its accuracy.
 
-    Doubling then bisection on the prefix length: about 2 log2(layers) evaluations, exact if accuracy grows with it.
+    Accuracy is measured, not predicted: one unit alone can recover nothing while it and its neighbours recover all
+    (MobileNetV3-Small: stem + first blocks), which ranks by a per-unit error miss. Cost: up to ``len(units)``
+    evaluations per unit added.
     """
-    tried: dict[int, tuple[nn.Module, float]] = {}
-
-    def reaches(count: int) -> bool:
-        model = build(ranked[:count])
-        tried[count] = (model, accuracy(model))
-        log.info("  %d layer(s) in float: accuracy %.4f (target %.4f)", count, tried[count][1], target)
-        return tried[count][1] >= target - 1e-9  # accuracies are fractions of images: no float-rounding misses
-
-    if reaches(0):
-        return tried[0][0], [], tried[0][1]
-    low, high = 0, min(1, len(ranked))  # low misses the target; high is the next prefix length to try
-    while not reaches(high):
-        if high == len(ranked):
-            log.warning("accuracy %.4f misses %.4f even with all %d layers in float (the rest of the graph stays INT8): "
-                        "keeping them all", tried[high][1], target, high)
-            return tried[high][0], ranked, tried[high][1]
-        low, high = high, min(2 * high, len(ranked))
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (low, middle) if reaches(middle) else (middle, high)
-    return tried[high][0], ranked[:high], tried[high][1]
+    chosen: list[list[str]] = []
+    model = build([])
+    best = accuracy(model)
+    log.info("  all INT8: accuracy %.4f (target %.4f)", best, target)
+    while best < target - 1e-9 and len(chosen) < len(units):  # accuracies are fractions of images: no rounding misses
+        tried = {}
+        for index, unit in enumerate(units):
+            if unit not in chosen:
+                candidate = build([name for group in chosen + [unit] for name in group])
+                tried[index] = (candidate, accuracy(candidate))
+        index = max(tried, key=lambda i: tried[i][1])
+        chosen.append(units[index])
+        model, best = tried[index]
+        log.info("  + %s in float: accuracy %.4f (target %.4f)", units[index][-1] if len(units[index]) == 1 else
+                 "+".join(units[index]), best, target)
+    if best < target - 1e-9:
+        log.warning("accuracy %.4f misses %.4f even with every unit in float", best, target)
+    return model, [name for group in chosen for name in group], best
 
 
 def qat_schedule(prepared: nn.Module, observer_epochs: int, bn_freeze_epochs: int) -> Callable[[int], None]:
@@ -516,6 +512,9 @@ def load_quantized(path: Path | str) -> torch.fx.GraphModule:
     payload = load_checkpoint(path)
     if payload["description"].quantization is None:
         raise CheckpointError(f"'{path}' is an FP32 checkpoint, not an INT8 one: quantise it with quantization-train.py")
+    if payload["description"].quantization.get("api", "fx") != "fx":  # models.quantize_pt2e imports this module
+        raise CheckpointError(f"'{path}' is a PT2E INT8 checkpoint: load it with models.quantize_pt2e.load_quantized "
+                              "(or models.quantize_pt2e.load_int8, which loads both kinds)")
     model = build_quantized(payload["description"])
     model.load_state_dict(payload["model"])
     return model.eval()

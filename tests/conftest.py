@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -62,6 +63,14 @@ def run_script(script: str, *args: str) -> int:
         return stop.code if isinstance(stop.code, int) else 1
     finally:
         sys.argv = old_argv
+
+
+def run_in_fresh_process(code: str, *args: object, timeout: int = 300) -> None:
+    """Run ``python -c code args`` in a new interpreter (nothing loaded yet: what a user's process sees); fails with its stderr."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 TINY_TRAIN = ("--model", "mobilenetv3_small_050", "--no-pretrained", "--img-size", "32", "--batch-size", "16", "--workers", "0")

@@ -13,7 +13,7 @@ import numpy as np
 import openvino as ov
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, run_in_fresh_process, run_script
 from test_edge import NO_TORCH
 
 from deploy.edge import METADATA_KEY
@@ -47,9 +47,7 @@ def irs(onnx_file: Path, trained_run: Path, tmp_path_factory: pytest.TempPathFac
 
 def test_irs_reload_in_a_fresh_process_with_the_exported_outputs(irs: dict) -> None:
     folder = irs["folder"]
-    done = subprocess.run([sys.executable, "-c", RELOAD, str(folder), "model", "model.int8"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    run_in_fresh_process(RELOAD, folder, "model", "model.int8")
     with torch.inference_mode():
         pytorch = irs["model"](torch.from_numpy(irs["inputs"])).numpy()
     fp32, int8 = np.load(folder / "model.npy"), np.load(folder / "model.int8.npy")

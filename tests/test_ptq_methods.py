@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import run_in_fresh_process, run_script
+from torch.ao.nn import quantized as nnq
 
-from models.factory import model_from_checkpoint
+from models.factory import create_model, model_from_checkpoint, resolve_model
 from models.quantize import (
     ACTIVATION_OBSERVERS,
     DEFAULT_OBSERVER,
@@ -20,10 +18,9 @@ from models.quantize import (
     convert,
     correct_bias,
     equalize,
-    fewest_float_layers,
+    fewest_float_units,
+    float_units,
     prepare,
-    quantisable_layers,
-    rank_layers,
     save_quantized,
 )
 from utils.checkpoint import load_checkpoint
@@ -90,30 +87,51 @@ def test_bias_correction_reduces_the_mean_output_error(fp32, images):
     with torch.inference_mode():
         reference = fp32(x)
         before = (int8(x) - reference).mean(0).abs().mean()
-        assert correct_bias(int8, prepared, images, len(images)) == len(quantisable_layers(prepared))
+        quantised = sum(isinstance(module, (nnq.Conv2d, nnq.Linear)) for module in int8.modules())
+        assert correct_bias(int8, prepared, images, len(images)) == quantised > 0
         after = (int8(x) - reference).mean(0).abs().mean()
     assert after < before
 
 
-def test_fewest_float_layers_finds_the_shortest_prefix_in_few_evaluations():
-    ranked = [f"layer{i}" for i in range(40)]
+def test_fewest_float_units_adds_the_unit_that_helps_most_until_the_target():
+    units = [[f"block{i}"] for i in range(6)]
+    gain = {"block0": 0.01, "block1": 0.0, "block2": 0.05, "block3": 0.02, "block4": 0.0, "block5": 0.03}
     evaluated = []
 
-    def accuracy(layers: list[str]) -> float:
-        evaluated.append(len(layers))
-        return 0.5 + 0.01 * len(layers)
+    def accuracy(names: list[str]) -> float:
+        evaluated.append(names)
+        return 0.8 + sum(gain[name] for name in names)
 
-    model, layers, acc = fewest_float_layers(ranked, list, accuracy, target=0.63)
-    assert layers == ranked[:13] and model == layers and acc == pytest.approx(0.63)
-    assert len(evaluated) <= 2 * 6 + 1
-    assert fewest_float_layers(ranked, list, accuracy, target=0.4)[1] == []
+    model, names, acc = fewest_float_units(units, list, accuracy, target=0.88)
+    assert names == ["block2", "block5"] and model == names and acc == pytest.approx(0.88)
+    assert len(evaluated) == 1 + 6 + 5  # all INT8, then every remaining unit per step
+    assert fewest_float_units(units, list, accuracy, target=0.8)[1] == []
+    assert sorted(fewest_float_units(units, list, accuracy, target=0.99)[1]) == sorted(gain)  # bound missed: all float
 
 
-def test_layers_are_ranked_by_their_own_int8_error(fp32, images):
-    prepared = _calibrated(fp32, images, "qnnpack")
-    ranked = rank_layers(convert(prepared, SIZE), prepared, images, len(images))
-    assert sorted(ranked) == sorted(quantisable_layers(prepared))  # every candidate once, qnnpack's ReLU6 convs never
-    assert ranked != quantisable_layers(prepared)  # reordered by error, not graph order
+def test_float_units_are_blocks_with_weightless_modules_joined(fp32):
+    units = float_units(fp32)
+    assert units[0] == ["conv_stem", "bn1"]  # the stem's activation goes with its conv
+    assert ["blocks.0.0"] in units and ["blocks.1.0"] in units  # timm blocks, not their layers
+    assert units[-1] == ["classifier"]
+    names = [name for unit in units for name in unit]
+    assert len(names) == len(set(names)) and "global_pool" in names
+
+
+def test_a_float_block_floats_its_activations_but_keeps_qnnpack_relu6_convs(fp32, images):
+    relu6_model = create_model(resolve_model("mobilenetv2_050"), 11, pretrained=False)[0].eval()
+    prepared = _calibrated(relu6_model, images, "qnnpack")
+    block = "blocks.1.0"
+    relu6_inside = [conv for conv in prepared.meta["relu6_convs"] if conv.startswith(f"{block}.")]
+    assert relu6_inside
+    int8 = convert(prepared, SIZE, [block])
+    inside = {name: type(module).__module__ for name, module in int8.named_modules() if name.startswith(f"{block}.")}
+    assert all(inside[conv].startswith("torch.ao.nn.intrinsic.quantized") for conv in relu6_inside)
+    assert any(not kind.startswith("torch.ao.nn") for name, kind in inside.items() if name not in relu6_inside)
+    mv3 = convert(_calibrated(fp32, images, "qnnpack"), SIZE, ["blocks.2.0"])
+    float_ops = [node for node in mv3.graph.nodes if node.op == "call_module" and node.target.startswith("blocks.2.0.")
+                 and type(mv3.get_submodule(node.target)).__module__.startswith("torch.nn.modules.activation")]
+    assert float_ops  # hardswish inside the block runs in float
 
 
 RELOAD = """
@@ -126,21 +144,18 @@ with torch.inference_mode():
 
 def _fresh_process_output(checkpoint: Path, x: torch.Tensor, tmp_path: Path) -> torch.Tensor:
     torch.save(x, tmp_path / "x.pt")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    args = [checkpoint, tmp_path / "x.pt", tmp_path / "out.pt"]
-    result = subprocess.run([sys.executable, "-c", RELOAD, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_in_fresh_process(RELOAD, checkpoint, tmp_path / "x.pt", tmp_path / "out.pt")
     return torch.load(tmp_path / "out.pt")
 
 
 @pytest.mark.slow
 def test_float_layers_and_observer_survive_a_reload_in_a_fresh_process(trained_run, fp32, images, tmp_path):
     prepared = _calibrated(fp32, images, observer="percentile", equalized=True)
-    float_layers = quantisable_layers(prepared)[1:3]
+    float_layers = [name for unit in prepared.meta["float_units"][1:3] for name in unit]
     int8 = convert(prepared, SIZE, float_layers)
     correct_bias(int8, prepared, images, len(images))
-    assert all(not type(int8.get_submodule(name)).__module__.startswith("torch.ao.nn.quantized") for name in float_layers)
+    assert all(not type(module).__module__.startswith("torch.ao.nn.quantized")
+               for name, module in int8.named_modules() if any(name.startswith(f"{unit}.") for unit in float_layers))
     payload = load_checkpoint(trained_run / "best.pt")
     settings = {"backend": "x86", "per_channel": True, "mode": "ptq", "observer": "percentile", "float_layers": float_layers}
     save_quantized(tmp_path / "int8.pt", int8, payload, settings)

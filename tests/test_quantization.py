@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import run_in_fresh_process, run_script
 from torch import nn
 from torch.ao.quantization import get_default_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
@@ -72,10 +69,7 @@ torch.save(outputs, sys.argv[3])
 def test_int8_artifacts_reload_in_a_fresh_process_with_identical_outputs(quantized_run, tmp_path):
     x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     torch.save(x, tmp_path / "x.pt")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    args = [quantized_run, tmp_path / "x.pt", tmp_path / "out.pt"]
-    result = subprocess.run([sys.executable, "-c", RELOAD, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_in_fresh_process(RELOAD, quantized_run, tmp_path / "x.pt", tmp_path / "out.pt")
     fresh = torch.load(tmp_path / "out.pt")
     for method, (checkpoint, torchscript) in fresh.items():
         with torch.inference_mode():
