@@ -128,17 +128,20 @@ def fp32_source(args: argparse.Namespace, config: RunConfig, runtime: Runtime) -
     return run_dir / "best.pt", load_checkpoint(run_dir / "best.pt"), bundle, run_dir
 
 
-FX_ONLY_PTQ = {"equalize": "--equalize", "bias_correction": "--bias-correction", "max_drop": "--max-drop"}
+PTQ_METHODS = {"equalize": "--equalize", "bias_correction": "--bias-correction", "max_drop": "--max-drop"}  # FX PTQ only
 
 
-def check_api(args: argparse.Namespace) -> None:
-    """Resolve --mode for the API; one error line for an FX-only option with --api pt2e, before any work."""
+def check_modes(args: argparse.Namespace) -> None:
+    """Resolve --mode for the API; one error line, before any work, for a PTQ method that would be ignored (with
+    --mode qat) or that the API lacks (--api pt2e)."""
     if args.mode is None:
         args.mode = "ptq" if args.api == "pt2e" else "both"
+    used = [flag for name, flag in PTQ_METHODS.items() if getattr(args, name) not in (None, False)]
+    used += [f"--observer {args.observer}"] if args.observer != DEFAULT_OBSERVER else []
+    if used and args.mode == "qat":
+        raise UserError(f"{', '.join(used)}: PTQ method(s), unused by --mode qat (QAT learns its ranges); use --mode ptq or both")
     if args.api != "pt2e":
         return
-    used = [flag for name, flag in FX_ONLY_PTQ.items() if getattr(args, name) not in (None, False)]
-    used += [f"--observer {args.observer}"] if args.observer != DEFAULT_OBSERVER else []
     if used:
         raise UserError(f"{', '.join(used)}: FX-only PTQ method(s), not available with --api pt2e (its quantizer fixes the "
                         "observers); drop them or use --api fx")
@@ -148,7 +151,7 @@ def check_api(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    check_api(args)
+    check_modes(args)
     set_backend(args.backend)
     runtime = setup_runtime(args.device, args.amp)
     try:

@@ -182,3 +182,14 @@ def test_max_drop_holds_on_validation_and_reports_float_layers(trained_run, tmp_
     with torch.inference_mode():
         traced = torch.jit.load(run_dir / "int8_ptq.torchscript.pt")(x)  # traced from the in-memory INT8 model
     assert torch.equal(_fresh_process_output(run_dir / "int8_ptq.pt", x, tmp_path), traced)
+
+
+@pytest.mark.parametrize("flags", [("--max-drop", "0.5"), ("--equalize", "--observer", "percentile")])
+def test_ptq_methods_with_qat_only_give_one_error_line(flags, tmp_path, capsys):
+    code = run_script("quantization-train.py", "--checkpoint", tmp_path / "never-read.pt", "--mode", "qat", *flags,
+                      "--output-dir", tmp_path)
+    assert code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and flags[0] in lines[0] and "--mode ptq" in lines[0] and "Traceback" not in err, err
+    assert not (tmp_path / "quantization").exists()  # refused before the checkpoint is opened
