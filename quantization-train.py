@@ -6,7 +6,7 @@ Better PTQ:         ... --mode ptq --observer percentile --equalize --bias-corre
 PT2E PTQ:           ... --api pt2e --backend x86   (torch.export + torchao quantizer; writes int8_ptq.pt2 instead of TorchScript)
 
 INT8 runs on the CPU. Outputs go to <output-dir>/quantization/<timestamp>_<model>/: int8_<mode>.pt
-(weights_only checkpoint, load with models.quantize.load_quantized), int8_<mode>.torchscript.pt
+(weights_only checkpoint, FX or PT2E: load with models.quantize_pt2e.load_int8), int8_<mode>.torchscript.pt
 (torch.jit.load), <mode>/ test reports, qat/ training log; rows method=ptq/qat go to results.csv.
 """
 from __future__ import annotations
@@ -168,19 +168,6 @@ def pt2e() -> types.ModuleType:
     return quantize_pt2e
 
 
-def pt2e_latency(program: Path, img_size: int, compiled: bool) -> tuple[float, str]:
-    """Batch-1, 1-thread latency of the saved .pt2 program as deployed: compiled by inductor, or eager if asked or if that fails."""
-    model = pt2e().load_program(program)
-    if compiled:
-        try:
-            return measure_latency(pt2e().compile_inference(model, img_size), img_size), \
-                f"{program.name}, torch.compile (inductor, freezing)"
-        except Exception as error:  # noqa: BLE001 - inductor needs a C++ compiler; time eager instead of failing the run
-            log.warning("torch.compile of %s failed (%s: %s): timing the eager graph", program.name, type(error).__name__,
-                        str(error).strip().splitlines()[0] if str(error).strip() else "")
-    return measure_latency(model, img_size), f"{program.name}, eager (reference quantize/dequantize ops)"
-
-
 def quantize(args: argparse.Namespace, config: RunConfig, runtime: Runtime) -> None:
     checkpoint, payload, bundle, run_dir = fp32_source(args, config, runtime)
     description = payload["description"].replace(img_size=config.data.img_size or payload["description"].img_size)
@@ -211,7 +198,7 @@ def quantize(args: argparse.Namespace, config: RunConfig, runtime: Runtime) -> N
         # time the saved file as a user loads it: right after QAT training the in-memory model ran 2x slower
         # than the identical graph reloaded from its file (9.3 vs 4.7 ms, mobilenetv3_small_100, 64 px)
         if args.api == "pt2e":
-            latency, timed = pt2e_latency(run_dir / f"int8_{method}.pt2", img_size, args.compile)
+            latency, timed = pt2e().program_latency(run_dir / f"int8_{method}.pt2", img_size, args.compile)
         else:
             latency, timed = measure_latency(load_quantized(path), img_size), f"{path.name} (FX INT8 kernels)"
         row = record(output, bundle, description, run_dir, None, path, config.output_dir, SCRIPT, method, epochs=epochs,

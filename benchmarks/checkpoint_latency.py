@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.factory import model_from_checkpoint  # noqa: E402
-from models.quantize import load_quantized  # noqa: E402
+from models.quantize_pt2e import load_int8  # noqa: E402
 from models.stats import measure_latency  # noqa: E402
 from utils.checkpoint import load_checkpoint  # noqa: E402
 from utils.cli import positive_int, run_cli  # noqa: E402
@@ -44,7 +44,7 @@ def main(args: argparse.Namespace) -> None:
         sys.exit(f"error: no best.pt or int8_*.pt under '{args.runs}': pass a folder the scripts wrote to")
     print("| checkpoint | pass 1 ms | pass 2 ms |\n|---|---|---|")
     for label, path in items:
-        model = load_quantized(path) if path.name.startswith("int8_") else model_from_checkpoint(load_checkpoint(path))
+        model = load_int8(path) if path.name.startswith("int8_") else model_from_checkpoint(load_checkpoint(path))
         first, second = (measure_latency(model, args.img_size, args.threads, args.repeats, warmup=30) for _ in range(2))
         print(f"| {label} | {first:.2f} | {second:.2f} |", flush=True)
 

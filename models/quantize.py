@@ -446,16 +446,16 @@ def fewest_float_units(units: list[list[str]], build: Callable[[list[str]], nn.M
     best = accuracy(model)
     log.info("  all INT8: accuracy %.4f (target %.4f)", best, target)
     while best < target - 1e-9 and len(chosen) < len(units):  # accuracies are fractions of images: no rounding misses
-        tried = {}
-        for index, unit in enumerate(units):
+        step: tuple[float, list[str], nn.Module] | None = None  # the best candidate so far: one model kept, not all
+        for unit in units:
             if unit not in chosen:
                 candidate = build([name for group in chosen + [unit] for name in group])
-                tried[index] = (candidate, accuracy(candidate))
-        index = max(tried, key=lambda i: tried[i][1])
-        chosen.append(units[index])
-        model, best = tried[index]
-        log.info("  + %s in float: accuracy %.4f (target %.4f)", units[index][-1] if len(units[index]) == 1 else
-                 "+".join(units[index]), best, target)
+                score = accuracy(candidate)
+                if step is None or score > step[0]:
+                    step = (score, unit, candidate)
+        best, unit, model = step
+        chosen.append(unit)
+        log.info("  + %s in float: accuracy %.4f (target %.4f)", "+".join(unit), best, target)
     if best < target - 1e-9:
         log.warning("accuracy %.4f misses %.4f even with every unit in float", best, target)
     return model, [name for group in chosen for name in group], best

@@ -13,7 +13,7 @@ the XNNPACKQuantizer moved to executorch, which this toolkit does not install. B
 activation observer (FX's default); weights are symmetric min-max, per output channel unless ``per_channel`` is off.
 
 Artifacts: the project's checkpoint (``torch.load(weights_only=True)``): the converted module's tensors (int8
-weights, folded biases, weight scales) plus every observer's scale and zero point; ``load_quantized_pt2e``
+weights, folded biases, weight scales) plus every observer's scale and zero point; ``load_quantized``
 rebuilds the module (FP32 model with placeholder weights -> export -> prepare -> observers return the stored
 quantisation parameters -> convert -> load the tensors), with outputs identical to the saved module. For
 deployment ``save_program`` writes the converted graph as a ``torch.export`` program (``.pt2``), loaded with
@@ -30,11 +30,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+import torch._inductor.config as inductor_config
 from torch import nn
 
 from models.factory import model_from_checkpoint
 from models.quantize import BACKENDS, DEFAULT_OBSERVER, QuantizationError, calibrate
 from models.quantize import load_quantized as load_fx_quantized
+from models.stats import measure_latency
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.description import RunDescription
 from utils.io import WriteError, atomic_path
@@ -257,8 +259,6 @@ def compile_inference(model: nn.Module, img_size: int) -> nn.Module:
     On an INT8 PT2E module, freezing lets inductor's int8 patterns (registered by the quantizer import) fuse the
     quantize/dequantize ops with their convolutions. About a minute for mobilenetv3_small_050 at 112 px on one core.
     """
-    import torch._inductor.config as inductor_config
-
     compiled = _Compiled(torch.compile(model.eval()))
     cpp_log = logging.getLogger("torch.utils.cpp_extension")
     level = cpp_log.level
@@ -269,6 +269,19 @@ def compile_inference(model: nn.Module, img_size: int) -> nn.Module:
     finally:
         cpp_log.setLevel(level)
     return compiled
+
+
+def program_latency(program: Path, img_size: int, compiled: bool) -> tuple[float, str]:
+    """Batch-1, 1-thread latency of a saved ``.pt2`` program as deployed, and what was timed: compiled by inductor, or
+    eager if asked or if compiling fails (inductor needs a C++ compiler; the ARM quantizer's graph fails on x86)."""
+    model = load_program(program)
+    if compiled:
+        try:
+            return measure_latency(compile_inference(model, img_size), img_size), f"{program.name}, torch.compile (inductor, freezing)"
+        except Exception as error:  # noqa: BLE001 - any compile failure: time eager instead of failing the run
+            log.warning("torch.compile of %s failed (%s: %s): timing the eager graph", program.name, type(error).__name__,
+                        str(error).strip().splitlines()[0] if str(error).strip() else "")
+    return measure_latency(model, img_size), f"{program.name}, eager (reference quantize/dequantize ops)"
 
 
 class _Compiled(nn.Module):
