@@ -44,6 +44,15 @@ def _fabric_id(folder: str) -> str:
     return match.group(1).upper() if match else folder
 
 
+def fabric_of(rel_path: str) -> str:
+    """Fabric of an image path relative to its data root, by the layout rules above ("" for <root>/<class>/<image>)."""
+    parts = rel_path.split("/")
+    if len(parts) == 1:
+        match = _SAMPLE_NAME.match(parts[0])
+        return match.group(1).upper() if match else ""
+    return _fabric_id(parts[-3]) if len(parts) > 2 else ""
+
+
 def _list_images(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
@@ -68,11 +77,9 @@ def scan_dataset(root: Path | str) -> ScannedDataset:
                     f"cannot tell the class of '{rel}': put images in class folders or name them "
                     "{fabric}_{class:02d}_{index}.jpg"
                 )
-            entries.append((rel, CLASSES[int(match.group(2))], match.group(1).upper()))
-        elif len(parts) == 2:
-            entries.append((rel, parts[0], ""))
+            entries.append((rel, CLASSES[int(match.group(2))], fabric_of(rel)))
         else:
-            entries.append((rel, parts[-2], _fabric_id(parts[-3])))
+            entries.append((rel, parts[-2], fabric_of(rel)))
 
     keys = {normalise_name(name) for _, name, _ in entries}
     if keys <= CLASS_KEYS.keys():

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support  # noqa: E402
 
+from data.scan import fabric_of  # noqa: E402
 from data.stitchingnet import normal_index  # noqa: E402
 from utils.io import atomic_open, atomic_path, save_json  # noqa: E402
 
@@ -37,11 +38,34 @@ def classification_metrics(targets: np.ndarray, preds: np.ndarray, class_names: 
     }
 
 
+def per_fabric_metrics(targets: np.ndarray, preds: np.ndarray, paths: list[str], class_names: list[str]) -> dict[str, dict]:
+    """Images, accuracy, defect recall and false alarms per fabric (by ``data.scan.fabric_of``; {} where paths name none).
+
+    Fabrics differ in how visible a defect is (a dark thread on denim, a thread the colour of a jacquard's
+    pattern), so one overall accuracy can hide a fabric the detector does not work on.
+    """
+    fabrics = np.array([fabric_of(path) for path in paths])
+    table = {}
+    for fabric in sorted(set(fabrics.tolist()) - {""}):
+        rows = fabrics == fabric
+        metrics = classification_metrics(targets[rows], preds[rows], class_names)
+        table[fabric] = {"images": int(rows.sum()), **{k: metrics[k] for k in ("acc", "defect_recall", "false_alarm_rate")}}
+    return table
+
+
 def write_test_report(out_dir: Path, targets: np.ndarray, preds: np.ndarray, probs: np.ndarray, paths: list[str], class_names: list[str],
-                      metrics: dict) -> None:
-    """metrics.json, classification_report.txt, confusion_matrix.csv/.png, misclassified.csv."""
+                      metrics: dict) -> dict[str, dict]:
+    """metrics.json (with ``per_fabric``), per_fabric.csv, classification_report.txt, confusion_matrix.csv/.png,
+    misclassified.csv; returns the per-fabric table."""
     labels = list(range(len(class_names)))
-    save_json(metrics, out_dir / "metrics.json")
+    fabrics = per_fabric_metrics(targets, preds, paths, class_names)
+    save_json({**metrics, "per_fabric": fabrics}, out_dir / "metrics.json")
+    if fabrics:
+        with atomic_open(out_dir / "per_fabric.csv", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["fabric", "images", "acc", "defect_recall", "false_alarm_rate"])
+            writer.writerows([fabric, row["images"], *(round(row[k], 6) for k in ("acc", "defect_recall", "false_alarm_rate"))]
+                             for fabric, row in fabrics.items())
     report = classification_report(targets, preds, labels=labels, target_names=class_names, digits=4, zero_division=0)
     with atomic_open(out_dir / "classification_report.txt") as handle:
         handle.write(report)
@@ -56,6 +80,7 @@ def write_test_report(out_dir: Path, targets: np.ndarray, preds: np.ndarray, pro
         for i in np.flatnonzero(targets != preds):
             writer.writerow([paths[i], class_names[targets[i]], class_names[preds[i]], f"{probs[i].max():.4f}"])
     plot_confusion_matrix(matrix, class_names, out_dir / "confusion_matrix.png")
+    return fabrics
 
 
 def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], path: Path) -> None:

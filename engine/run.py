@@ -178,8 +178,10 @@ def record(output: EvalOutput, bundle: DataBundle, description: RunDescription, 
     """
     num_classes = len(bundle.class_names)
     metrics = test_metrics(output, bundle.class_names)
-    write_test_report(report_dir or run_dir, output.targets, output.preds, output.probs, bundle.parts["test"].paths, bundle.class_names,
-                      metrics)
+    fabrics = write_test_report(report_dir or run_dir, output.targets, output.preds, output.probs, bundle.parts["test"].paths,
+                                bundle.class_names, metrics)
+    if fabrics:
+        log.info("test acc per fabric: %s", "  ".join(f"{fabric} {row['acc']:.3f}" for fabric, row in fabrics.items()))
     img_size = description.img_size
     if stats is None:
         stats = model_stats(model_for_cost, img_size, num_classes)

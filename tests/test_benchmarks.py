@@ -12,6 +12,7 @@ from conftest import ROOT, SAMPLES
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from paired_difference import paired_difference  # noqa: E402
+from per_fabric import rebuilt_table  # noqa: E402
 from real_samples import score  # noqa: E402
 
 
@@ -31,6 +32,11 @@ def test_paired_difference_counts_gains_and_losses(tmp_path):
     result = paired_difference(base, other)
     assert (result["n"], result["gained"], result["lost"], result["diff_points"]) == (10, 2, 1, 10.0)
     assert result["se_points"] == pytest.approx(100 * (3 - 1 / 10) ** 0.5 / 10, abs=0.01)
+
+
+def test_per_fabric_table_rebuilt_from_a_report_equals_the_one_the_run_wrote(trained_run):
+    written = json.loads((trained_run / "metrics.json").read_text())["per_fabric"]
+    assert written and json.dumps(rebuilt_table(trained_run)) == json.dumps(written)  # as text: NaN equals NaN
 
 
 def test_real_samples_score_matches_the_predictions(trained_run, tiny_dataset):

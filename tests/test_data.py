@@ -12,7 +12,7 @@ from conftest import SAMPLES, make_nested_dataset, write_image
 
 from data.images import load_images
 from data.loading import load_data
-from data.scan import DatasetError, scan_dataset
+from data.scan import DatasetError, fabric_of, scan_dataset
 from data.splits import make_split
 from data.stitchingnet import CLASSES, normalise_name
 from data.transforms import Preprocess
@@ -154,3 +154,10 @@ def test_stored_split_is_reused_and_checked(tiny_dataset, tmp_path):
     make_nested_dataset(tmp_path / "other", fabrics="D", per_class=2)
     with pytest.raises(DatasetError, match="stored split"):
         load_data(tmp_path / "other", 32, seed=3, split=bundle.split, progress=False)
+
+
+def test_fabric_of_follows_the_three_layouts():
+    assert fabric_of("C. Denim-Poly/1. Skipped stitch/C_01_0003.jpg") == "C"
+    assert fabric_of("I_07_022.jpg") == "I"
+    assert fabric_of("Normal/img.jpg") == ""
+    assert fabric_of("cotton/Normal/img.jpg") == "cotton"  # an unlettered fabric folder keeps its name, as scan_dataset does

@@ -16,7 +16,7 @@ from data.loading import CachedImages, load_data, make_loader
 from data.stitchingnet import class_folder
 from data.transforms import Preprocess
 from deploy.classify import predict
-from engine.metrics import classification_metrics
+from engine.metrics import classification_metrics, per_fabric_metrics
 from engine.run import create_run_dir
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.distributed import Runtime
@@ -75,6 +75,19 @@ def test_defect_figures_find_normal_by_name_when_classes_are_not_stitchingnet(ti
     targets = np.array([normal, normal, defect, defect])
     metrics = classification_metrics(targets, np.array([normal, defect, defect, normal]), bundle.class_names)
     assert metrics["false_alarm_rate"] == 0.5 and metrics["defect_recall"] == 0.5
+
+
+def test_per_fabric_metrics_split_the_test_set_by_fabric():
+    names = ["Normal", "Skipped stitch"]
+    paths = ["A. Cotton/0. Normal/a0.jpg", "A. Cotton/1. Skipped stitch/a1.jpg", "C_00_1.jpg", "C_01_1.jpg", "C_01_2.jpg", "Normal/x.jpg"]
+    targets = np.array([0, 1, 0, 1, 1, 0])
+    preds = np.array([0, 1, 1, 0, 1, 0])
+    table = per_fabric_metrics(targets, preds, paths, names)
+    assert list(table) == ["A", "C"]  # the image without a fabric is in no row
+    assert table["A"] == {"images": 2, "acc": 1.0, "defect_recall": 1.0, "false_alarm_rate": 0.0}
+    assert table["C"]["images"] == 3 and table["C"]["acc"] == pytest.approx(1 / 3)
+    assert table["C"]["defect_recall"] == 0.5 and table["C"]["false_alarm_rate"] == 1.0
+    assert per_fabric_metrics(targets, preds, ["Normal/x.jpg"] * 6, names) == {}
 
 
 class _Always(torch.nn.Module):

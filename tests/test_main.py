@@ -45,6 +45,13 @@ def test_run_folder_holds_checkpoints_reports_and_a_results_row(trained_run):
     assert float(row["file_mb"]) == pytest.approx((trained_run / "best.pt").stat().st_size / 2**20, abs=1e-3)
     with open(trained_run / "log.csv") as handle:
         assert [r["epoch"] for r in csv.DictReader(handle)] == ["1", "2"]
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    fabrics = metrics["per_fabric"]
+    with open(trained_run / "per_fabric.csv") as handle:
+        assert [r["fabric"] for r in csv.DictReader(handle)] == list(fabrics) == sorted(fabrics)
+    test_images = len(json.loads((trained_run / "split.json").read_text())["test"])
+    assert sum(f["images"] for f in fabrics.values()) == test_images
+    assert sum(f["acc"] * f["images"] for f in fabrics.values()) / test_images == pytest.approx(metrics["acc"])
 
 
 def test_checkpoints_are_self_describing_and_weights_only(trained_run):
