@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.stitchingnet import CLASSES  # noqa: E402
+from data.stitchingnet import CLASS_KEYS, CLASSES, normalise_name  # noqa: E402
 from engine.metrics import per_fabric_metrics  # noqa: E402
 
 
@@ -29,12 +29,23 @@ def split_file(report_dir: Path) -> Path:
     raise SystemExit(f"error: no split.json in {report_dir} or its parent: give a run folder of this toolkit")
 
 
+def true_class(path: str) -> int:
+    """Class of a StitchingNet image path: its class folder ("3. Pinched fabric") or a flat name's digits (C_03_…)."""
+    folder, name = Path(path).parent.name, Path(path).name
+    key = normalise_name(folder) if folder else None
+    if key in CLASS_KEYS:
+        return CLASS_KEYS[key]
+    if not folder and name[2:4].isdigit():
+        return int(name[2:4])
+    raise SystemExit(f"error: cannot tell the StitchingNet class of test image '{path}'")
+
+
 def rebuilt_table(report_dir: Path) -> dict[str, dict]:
     paths = json.loads(split_file(report_dir).read_text())["test"]
     index = {name: i for i, name in enumerate(CLASSES)}
     with open(report_dir / "misclassified.csv", newline="") as handle:
         wrong = {row["path"]: (index[row["true"]], index[row["predicted"]]) for row in csv.DictReader(handle)}
-    targets = np.array([wrong[p][0] if p in wrong else int(Path(p).parent.name.split(".")[0]) for p in paths])
+    targets = np.array([wrong[p][0] if p in wrong else true_class(p) for p in paths])
     preds = np.array([wrong[p][1] if p in wrong else target for p, target in zip(paths, targets)])
     return per_fabric_metrics(targets, preds, paths, list(CLASSES))
 
