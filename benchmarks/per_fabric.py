@@ -17,6 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data.scan import class_name_of  # noqa: E402
 from data.stitchingnet import CLASS_KEYS, CLASSES, normalise_name  # noqa: E402
 from engine.metrics import per_fabric_metrics  # noqa: E402
 
@@ -30,14 +31,11 @@ def split_file(report_dir: Path) -> Path:
 
 
 def true_class(path: str) -> int:
-    """Class of a StitchingNet image path: its class folder ("3. Pinched fabric") or a flat name's digits (C_03_…)."""
-    folder, name = Path(path).parent.name, Path(path).name
-    key = normalise_name(folder) if folder else None
-    if key in CLASS_KEYS:
-        return CLASS_KEYS[key]
-    if not folder and name[2:4].isdigit():
-        return int(name[2:4])
-    raise SystemExit(f"error: cannot tell the StitchingNet class of test image '{path}'")
+    """StitchingNet class of a test image, named by its path as the scanner names it."""
+    key = normalise_name(class_name_of(path) or "")
+    if key not in CLASS_KEYS:
+        raise SystemExit(f"error: cannot tell the StitchingNet class of test image '{path}'")
+    return CLASS_KEYS[key]
 
 
 def rebuilt_table(report_dir: Path) -> dict[str, dict]:

@@ -53,6 +53,16 @@ def fabric_of(rel_path: str) -> str:
     return _fabric_id(parts[-3]) if len(parts) > 2 else ""
 
 
+def class_name_of(rel_path: str) -> str | None:
+    """Class folder name of an image path relative to its data root, a flat sample name's class (``C_03_…`` ->
+    "Pinched fabric"), or None where a flat name does not say."""
+    parts = rel_path.split("/")
+    if len(parts) > 1:
+        return parts[-2]
+    match = _SAMPLE_NAME.match(parts[0])
+    return CLASSES[int(match.group(2))] if match and int(match.group(2)) < len(CLASSES) else None
+
+
 def _list_images(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
@@ -69,17 +79,13 @@ def scan_dataset(root: Path | str) -> ScannedDataset:
     entries: list[tuple[str, str, str]] = []  # (relative path, class folder name, fabric)
     for file in files:
         rel = file.relative_to(root).as_posix()
-        parts = rel.split("/")
-        if len(parts) == 1:
-            match = _SAMPLE_NAME.match(parts[0])
-            if not match or int(match.group(2)) >= len(CLASSES):
-                raise DatasetError(
-                    f"cannot tell the class of '{rel}': put images in class folders or name them "
-                    "{fabric}_{class:02d}_{index}.jpg"
-                )
-            entries.append((rel, CLASSES[int(match.group(2))], fabric_of(rel)))
-        else:
-            entries.append((rel, parts[-2], fabric_of(rel)))
+        name = class_name_of(rel)
+        if name is None:
+            raise DatasetError(
+                f"cannot tell the class of '{rel}': put images in class folders or name them "
+                "{fabric}_{class:02d}_{index}.jpg"
+            )
+        entries.append((rel, name, fabric_of(rel)))
 
     keys = {normalise_name(name) for _, name, _ in entries}
     if keys <= CLASS_KEYS.keys():

@@ -12,7 +12,7 @@ from conftest import SAMPLES, make_nested_dataset, write_image
 
 from data.images import load_images
 from data.loading import load_data
-from data.scan import DatasetError, fabric_of, scan_dataset
+from data.scan import DatasetError, class_name_of, fabric_of, scan_dataset
 from data.splits import make_split
 from data.stitchingnet import CLASSES, normalise_name
 from data.transforms import Preprocess
@@ -161,3 +161,10 @@ def test_fabric_of_follows_the_three_layouts():
     assert fabric_of("I_07_022.jpg") == "I"
     assert fabric_of("Normal/img.jpg") == ""
     assert fabric_of("cotton/Normal/img.jpg") == "cotton"  # an unlettered fabric folder keeps its name, as scan_dataset does
+
+
+def test_class_name_of_follows_the_three_layouts():
+    assert class_name_of("C. Denim-Poly/1. Skipped stitch/C_01_0003.jpg") == "1. Skipped stitch"
+    assert class_name_of("I_07_022.jpg") == "Stain and damage"
+    assert class_name_of("Normal/img.jpg") == "Normal"
+    assert class_name_of("I_11_022.jpg") is None and class_name_of("photo.jpg") is None
