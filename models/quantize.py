@@ -458,6 +458,10 @@ def fewest_float_units(units: list[list[str]], build: Callable[[list[str]], nn.M
         log.info("  + %s in float: accuracy %.4f (target %.4f)", "+".join(unit), best, target)
     if best < target - 1e-9:
         log.warning("accuracy %.4f misses %.4f even with every unit in float", best, target)
+    elif 2 * len(chosen) > len(units):  # met, but the "INT8" model is mostly FP32: say so rather than hand it over quietly
+        log.warning("%d of %d units stay in float to reach %.4f: the model is mostly FP32 in size and speed; "
+                    "try QAT, a looser bound, or a model that quantises better (ReLU6, e.g. MobileNetV2)",
+                    len(chosen), len(units), target)
     return model, [name for group in chosen for name in group], best
 
 
