@@ -94,33 +94,33 @@ def test_bias_correction_reduces_the_mean_output_error(fp32, images):
     assert after < before
 
 
+UNITS = [[f"block{i}"] for i in range(6)]
+GAIN = {"block0": 0.01, "block1": 0.0, "block2": 0.05, "block3": 0.02, "block4": 0.0, "block5": 0.03}  # per unit floated
+
+
+def accuracy_with_float(names: list[str]) -> float:
+    return 0.8 + sum(GAIN[name] for name in names)
+
+
 def test_fewest_float_units_adds_the_unit_that_helps_most_until_the_target():
-    units = [[f"block{i}"] for i in range(6)]
-    gain = {"block0": 0.01, "block1": 0.0, "block2": 0.05, "block3": 0.02, "block4": 0.0, "block5": 0.03}
     evaluated = []
 
     def accuracy(names: list[str]) -> float:
         evaluated.append(names)
-        return 0.8 + sum(gain[name] for name in names)
+        return accuracy_with_float(names)
 
-    model, names, acc = fewest_float_units(units, list, accuracy, target=0.88)
+    model, names, acc = fewest_float_units(UNITS, list, accuracy, target=0.88)
     assert names == ["block2", "block5"] and model == names and acc == pytest.approx(0.88)
     assert len(evaluated) == 1 + 6 + 5  # all INT8, then every remaining unit per step
-    assert fewest_float_units(units, list, accuracy, target=0.8)[1] == []
-    assert sorted(fewest_float_units(units, list, accuracy, target=0.99)[1]) == sorted(gain)  # bound missed: all float
+    assert fewest_float_units(UNITS, list, accuracy, target=0.8)[1] == []
+    assert sorted(fewest_float_units(UNITS, list, accuracy, target=0.99)[1]) == sorted(GAIN)  # bound missed: all float
 
 
 def test_fewest_float_units_warns_when_most_of_the_model_stays_float(caplog):
-    units = [[f"block{i}"] for i in range(6)]
-    gain = {"block0": 0.01, "block1": 0.0, "block2": 0.05, "block3": 0.02, "block4": 0.0, "block5": 0.03}
-
-    def accuracy(names: list[str]) -> float:
-        return 0.8 + sum(gain[name] for name in names)
-
     with caplog.at_level(logging.WARNING, logger="models.quantize"):
-        assert len(fewest_float_units(units, list, accuracy, target=0.90)[1]) == 3  # half: no warning
+        assert len(fewest_float_units(UNITS, list, accuracy_with_float, target=0.90)[1]) == 3  # half: no warning
         assert not caplog.records
-        assert len(fewest_float_units(units, list, accuracy, target=0.91)[1]) == 4
+        assert len(fewest_float_units(UNITS, list, accuracy_with_float, target=0.91)[1]) == 4
     assert [r.getMessage().split(":")[0] for r in caplog.records] == ["4 of 6 units stay in float to reach 0.9100"]
 
 
