@@ -35,6 +35,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     label_smoothing: float = 0.0
     warmup_epochs: int = 0
+    clip_grad_norm: float | None = None  # None: no clipping
 
     def __post_init__(self) -> None:
         if self.warmup_epochs and self.warmup_epochs >= self.epochs:

@@ -86,6 +86,9 @@ def add_training_args(parser: argparse.ArgumentParser, epochs: int = 100, lr: fl
     group.add_argument("--warmup-epochs", type=non_negative_int, default=0,
                        help="linear learning-rate warm-up before the cosine decay; 2-3 helps from random init, where "
                             "small nets can otherwise stall at predicting the class prior (default: %(default)s)")
+    group.add_argument("--clip-grad-norm", type=positive_float, metavar="NORM",
+                       help="clip the gradient norm to NORM before each step; 1.0 keeps high-learning-rate runs from "
+                            "random init from collapsing to the class prior (default: no clipping)")
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:

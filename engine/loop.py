@@ -73,6 +73,7 @@ def train_one_epoch(
     epoch: int,
     loss_fn: LossFn = cross_entropy_loss,
     scaler: torch.amp.GradScaler | None = None,
+    clip_grad_norm: float | None = None,
 ) -> dict:
     """One pass over ``loader``; returns the mean loss and accuracy over all ranks."""
     model.train()
@@ -87,10 +88,15 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
+            if clip_grad_norm is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
             scaler.step(optimizer)
             scaler.update()
         else:
             loss.backward()
+            if clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
             optimizer.step()
         n = targets.numel()
         total_loss += loss.item() * n
@@ -139,6 +145,7 @@ class FitConfig:
     epochs: int
     patience: int
     seed: int
+    clip_grad_norm: float | None = None
 
 
 @dataclass
@@ -194,7 +201,7 @@ def fit(
         if before_epoch is not None:
             before_epoch(epoch)
         lrs = [group["lr"] for group in optimizer.param_groups]
-        train = train_one_epoch(model, train_loader, optimizer, runtime, epoch, loss_fn, scaler)
+        train = train_one_epoch(model, train_loader, optimizer, runtime, epoch, loss_fn, scaler, config.clip_grad_norm)
         val = validate()
         scheduler.step()
         improved = val.loss < state["best_val_loss"]

@@ -145,7 +145,7 @@ def train(model: torch.nn.Module, bundle: DataBundle, description: RunDescriptio
     if loss_fn is None:
         loss_fn = smoothed_cross_entropy(training.label_smoothing)
     return fit(model, data["train"], data["val"], optimizer, scheduler, runtime,
-               FitConfig(training.epochs, training.patience, config.seed), run_dir, description,
+               FitConfig(training.epochs, training.patience, config.seed, training.clip_grad_norm), run_dir, description,
                loss_fn=loss_fn, resume=resume, **hooks)
 
 

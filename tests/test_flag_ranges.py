@@ -28,7 +28,8 @@ from utils.cli import (
 MODEL = {"--alpha": ("0", "-1")}
 DATA = {"--synthetic-per-class": ("0",), "--synthetic-zoom": ("0.5",), "--img-size": ("0",), "--augment": ("4",), "--workers": ("-1",)}
 TRAINING = {"--epochs": ("0",), "--batch-size": ("0", "1"), "--patience": ("0",), "--lr": ("-1", "0", "nan"), "--lr-backbone": ("0",),
-            "--weight-decay": ("-0.1", "inf"), "--label-smoothing": ("1",), "--warmup-epochs": ("-1",)}
+            "--weight-decay": ("-0.1", "inf"), "--label-smoothing": ("1",), "--warmup-epochs": ("-1",),
+            "--clip-grad-norm": ("0", "-1")}
 RUN = {"--seed": ("-1", str(2**32))}
 
 # script: (the other arguments it needs, {numeric flag: out-of-range values}); the guard below keeps this complete.

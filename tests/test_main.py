@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from conftest import ROOT, TINY_TRAIN, run_script
 
 from engine.config import RunConfig, TrainConfig
-from engine.loop import smoothed_cross_entropy
+from engine.loop import smoothed_cross_entropy, train_one_epoch
 from engine.run import build_optimizer, resolve_data_source
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.description import RunDescription, SyntheticSource
+from utils.distributed import Runtime
 from utils.results import COLUMNS, append_result, read_rows
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -200,6 +201,22 @@ def test_label_smoothing_trains_on_the_smoothed_target():
     uniform = -logits.log_softmax(1).mean(1)
     assert smooth.item() == pytest.approx((0.9 * F.cross_entropy(logits, targets, reduction="none") + 0.1 * uniform).mean().item(),
                                           rel=1e-5)
+
+
+@pytest.mark.parametrize("clip", [None, 0.01])
+def test_clip_grad_norm_bounds_the_step(clip):
+    """With plain SGD at lr 1 the step is the gradient itself: clipped, its norm is at most ``clip``."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 11)
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    batch = [(100 * torch.randn(8, 4), torch.arange(8))]
+    train_one_epoch(model, batch, torch.optim.SGD(model.parameters(), lr=1.0), Runtime(torch.device("cpu"), channels_last=False),
+                    0, clip_grad_norm=clip)
+    step = (torch.cat([p.detach().flatten() for p in model.parameters()]) - before).norm().item()
+    if clip is None:
+        assert step > 1.0
+    else:
+        assert step == pytest.approx(clip, rel=1e-4)
 
 
 def test_zoomed_synthetic_runs_are_labelled_apart(v1_description):
