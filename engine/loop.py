@@ -86,17 +86,15 @@ def train_one_epoch(
         if not math.isfinite(loss.item()):
             raise TrainingDiverged(f"loss became {loss.item()} in epoch {epoch + 1}: lower --lr or check the data")
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            if clip_grad_norm is not None:
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if clip_grad_norm is not None:
+            if scaler is not None:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
-            if clip_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
             optimizer.step()
         n = targets.numel()
         total_loss += loss.item() * n
