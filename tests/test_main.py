@@ -192,6 +192,11 @@ def test_warmup_ramps_the_learning_rate_linearly_then_decays():
     assert rates[3] < rates[2] and rates[4] < rates[3]
 
 
+def test_optimizer_uses_the_fused_adamw_step_on_cpu():
+    optimizer, _ = build_optimizer(torch.nn.Linear(4, 11), TrainConfig(), pretrained=False)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True
+
+
 def test_label_smoothing_trains_on_the_smoothed_target():
     model = torch.nn.Linear(4, 11)
     images, targets = torch.randn(8, 4), torch.arange(8)
