@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from data.images import load_images
 from data.scan import DatasetError, scan_dataset
-from data.splits import make_split
+from data.splits import make_split, select_fabrics
 from data.stitchingnet import normal_index
 from data.transforms import Preprocess
 from utils.description import SyntheticSource
@@ -40,7 +40,7 @@ class CachedImages(Dataset):
 @dataclass
 class DataBundle:
     root: Path
-    dataset: str  # "real", "synthetic" or "synthetic-zoom<Z>": recorded in every results row
+    dataset: str  # "real", "synthetic" or "synthetic-zoom<Z>", "-fabrics-<letters>" for a subset: in every results row
     class_names: list[str]
     split: dict
     parts: dict[str, CachedImages]
@@ -56,8 +56,12 @@ def load_data(
     test_fabrics: list[str] | None = None,
     class_names: list[str] | None = None,
     progress: bool = True,
+    fabrics: list[str] | None = None,
 ) -> DataBundle:
-    """Scan, decode and split. A given ``split`` (e.g. from a checkpoint) is reused exactly."""
+    """Scan, decode and split. A given ``split`` (e.g. from a checkpoint) is reused exactly.
+
+    ``fabrics`` keeps only those fabrics; ``dataset`` is labelled with them, e.g. ``real-fabrics-ABJ``.
+    """
     scanned = scan_dataset(root)
     present = sorted({sample.label for sample in scanned.samples})
     if len(present) < 2:
@@ -73,8 +77,9 @@ def load_data(
         )
     by_path = {s.path: s for s in scanned.samples}
     if split is None:
-        images, kept = load_images(scanned.root, list(by_path), img_size, progress)
-        split = make_split([by_path[p] for p in kept], seed, test_fabrics=test_fabrics)
+        chosen = select_fabrics(scanned.samples, fabrics) if fabrics else scanned.samples  # decode only these
+        images, kept = load_images(scanned.root, [s.path for s in chosen], img_size, progress)
+        split = make_split([by_path[p] for p in kept], seed, test_fabrics=test_fabrics, fabrics=fabrics)
     else:
         wanted = [p for name in SPLITS for p in split[name]]
         missing = [p for p in wanted if p not in by_path]
@@ -95,6 +100,8 @@ def load_data(
         rows = [row_of[p] for p in paths]
         labels = np.array([by_path[p].label for p in paths], dtype=np.int64)
         parts[name] = CachedImages(images[rows], labels, paths)
+    if split.get("fabrics"):  # splits from before --fabrics have no such key
+        dataset = f"{dataset}-fabrics-{''.join(split['fabrics'])}"
     return DataBundle(Path(root), dataset, scanned.class_names, split, parts)
 
 

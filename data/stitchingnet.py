@@ -33,6 +33,11 @@ FABRICS: dict[str, str] = {
 }
 
 
+def fabric_letters(text: str) -> list[str]:
+    """A command line's fabric list: ``"a, B,j"`` -> ``["A", "B", "J"]``."""
+    return sorted({part.strip().upper() for part in text.split(",") if part.strip()})
+
+
 def class_folder(index: int) -> str:
     """Folder name used for a class, e.g. ``"3. Pinched fabric"``."""
     return f"{index}. {CLASSES[index]}"

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from data.stitchingnet import CLASSES, FABRICS, class_folder
+from data.stitchingnet import CLASSES, FABRICS, class_folder, fabric_letters
 
 GENERATOR_VERSION = "2"
 REAL_TOTAL = 14_565  # images in the real StitchingNet download
@@ -80,22 +80,27 @@ _FABRIC_LOOKS: dict[str, _Fabric] = {
 }
 
 
-def plan_counts(like_stitchingnet: bool, per_class: int | None = None) -> dict[tuple[str, int], int]:
+def plan_counts(like_stitchingnet: bool, per_class: int | None = None, fabrics: str | None = None) -> dict[tuple[str, int], int]:
     """Images per (fabric letter, class index); pure, so sizes can be checked without rendering.
 
     ``like_stitchingnet`` mirrors the real download: 221 Normal per fabric and the remaining
     images spread evenly (first pairs get the remainder) over the 110 defect pairs, 14,565 in all.
+    ``fabrics`` (letters, e.g. "ABJ") keeps only those fabrics, with the counts they have in the full plan.
     """
+    unknown = sorted(set(fabrics or "") - set(FABRICS))
+    if unknown:
+        raise ValueError(f"fabrics {','.join(unknown)} are not among the synthetic set's {','.join(FABRICS)}")
+    chosen = [f for f in FABRICS if fabrics is None or f in fabrics]
     if like_stitchingnet:
         pairs = [(f, c) for f in FABRICS for c in range(1, len(CLASSES))]
         defects = REAL_TOTAL - REAL_NORMAL_PER_FABRIC * len(FABRICS)
         base, extra = divmod(defects, len(pairs))
         plan = {(f, 0): REAL_NORMAL_PER_FABRIC for f in FABRICS}
         plan.update({pair: base + (i < extra) for i, pair in enumerate(pairs)})
-        return {(f, c): plan[f, c] for f in FABRICS for c in range(len(CLASSES))}
+        return {(f, c): plan[f, c] for f in chosen for c in range(len(CLASSES))}
     if per_class is None or per_class <= 0:
         raise ValueError(f"per_class must be a positive integer, got {per_class!r}")
-    return {(f, c): per_class for f in FABRICS for c in range(len(CLASSES))}
+    return {(f, c): per_class for f in chosen for c in range(len(CLASSES))}
 
 
 def image_name(fabric: str, class_index: int, index: int) -> str:
@@ -652,14 +657,15 @@ def _write_chunk(tasks: list[_Task]) -> int:
     return len(tasks)
 
 
-def _args(per_class: int | None, seed: int, like_stitchingnet: bool, img_size: int, zoom: float) -> dict:
+def _args(per_class: int | None, seed: int, like_stitchingnet: bool, img_size: int, zoom: float, fabrics: str | None) -> dict:
     return {"generator_version": GENERATOR_VERSION, "per_class": None if like_stitchingnet else per_class,
-            "seed": seed, "like_stitchingnet": like_stitchingnet, "img_size": img_size, "zoom": zoom}
+            "seed": seed, "like_stitchingnet": like_stitchingnet, "img_size": img_size, "zoom": zoom, "fabrics": fabrics}
 
 
 def generate(out_dir: Path, per_class: int | None = None, seed: int = 0, like_stitchingnet: bool = False,
-             img_size: int = 224, workers: int | None = None, progress: bool = True, zoom: float = 1.0) -> int:
-    """Write the synthetic set under ``out_dir`` in the real nested layout; returns images written.
+             img_size: int = 224, workers: int | None = None, progress: bool = True, zoom: float = 1.0,
+             fabrics: str | None = None) -> int:
+    """Write the synthetic set (or only the ``fabrics`` letters) under ``out_dir`` in the real nested layout; returns images written.
 
     Files are replaced atomically and ``.complete.json`` is written last, so a folder with the
     marker is whole. Our own stale images (from a larger earlier run) are removed.
@@ -670,7 +676,7 @@ def generate(out_dir: Path, per_class: int | None = None, seed: int = 0, like_st
         raise ValueError(f"img_size must be >= {MIN_IMG_SIZE}, got {img_size}")
     if not 1 <= zoom <= MAX_ZOOM:
         raise ValueError(f"zoom must be in [1, {MAX_ZOOM}], got {zoom}")
-    plan = plan_counts(like_stitchingnet, per_class)
+    plan = plan_counts(like_stitchingnet, per_class, fabrics)
     out_dir = Path(out_dir)
     (out_dir / MARKER).unlink(missing_ok=True)
     tasks = []
@@ -694,7 +700,7 @@ def generate(out_dir: Path, per_class: int | None = None, seed: int = 0, like_st
             for done in pool.imap_unordered(_write_chunk, chunks):
                 bar.update(done)
     bar.close()
-    marker = {**_args(per_class, seed, like_stitchingnet, img_size, zoom), "images": len(tasks)}
+    marker = {**_args(per_class, seed, like_stitchingnet, img_size, zoom, fabrics), "images": len(tasks)}
     tmp = out_dir / f"{MARKER}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(marker, indent=1) + "\n")
     os.replace(tmp, out_dir / MARKER)
@@ -722,19 +728,22 @@ def _progress(total: int, enabled: bool) -> _NoBar:
 
 
 def ensure_synthetic(cache_root: Path, per_class: int | None, seed: int, img_size: int, like_stitchingnet: bool = False,
-                     *, workers: int | None = None, progress: bool = True, zoom: float = 1.0) -> Path:
+                     *, workers: int | None = None, progress: bool = True, zoom: float = 1.0,
+                     fabrics: str | None = None) -> Path:
     """Cached synthetic set for these arguments; generated only when its completion marker is missing."""
     size = "like-stitchingnet" if like_stitchingnet else f"n{per_class}"
     zoomed = f"-zoom{zoom:g}" if zoom != 1 else ""
-    folder = Path(cache_root) / f"synthetic-v{GENERATOR_VERSION}-{size}-s{seed}-{img_size}px{zoomed}"
-    wanted = _args(per_class, seed, like_stitchingnet, img_size, zoom)
+    subset = f"-fabrics-{fabrics}" if fabrics else ""
+    folder = Path(cache_root) / f"synthetic-v{GENERATOR_VERSION}-{size}-s{seed}-{img_size}px{zoomed}{subset}"
+    wanted = _args(per_class, seed, like_stitchingnet, img_size, zoom, fabrics)
     try:
-        done = {"zoom": 1.0, **json.loads((folder / MARKER).read_text())}  # markers before zoom existed are zoom 1
+        # markers from before --zoom and --fabrics are zoom 1, all fabrics
+        done = {"zoom": 1.0, "fabrics": None, **json.loads((folder / MARKER).read_text())}
         if {k: done.get(k) for k in wanted} == wanted:
             return folder
     except (OSError, ValueError):  # no marker yet, or a torn one: (re)generate
         pass
-    generate(folder, per_class, seed, like_stitchingnet, img_size, workers, progress, zoom)
+    generate(folder, per_class, seed, like_stitchingnet, img_size, workers, progress, zoom, fabrics)
     return folder
 
 
@@ -775,6 +784,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--img-size", type=int, default=_S, help=f"square image side in px (default {_S}; rendered at {_S} and resized)")
     parser.add_argument("--zoom", type=float, default=1.0,
                         help=f"closer camera: frame a (224 / ZOOM) px window around the defect, in [1, {MAX_ZOOM:g}] (default 1)")
+    parser.add_argument("--fabrics", metavar="LETTERS", type=lambda text: "".join(fabric_letters(text)),
+                        help="only these fabrics, e.g. A,B,J (default: all of A-K)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
     parser.add_argument("--preview", type=Path, metavar="FILE.png",
                         help="also (or only) write a contact sheet: rows = fabrics A-K, columns = classes 00-10")
@@ -793,6 +804,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--img-size must be at least 8, got {args.img_size}")
     if not 1 <= args.zoom <= MAX_ZOOM:
         parser.error(f"--zoom must be in [1, {MAX_ZOOM:g}], got {args.zoom}")
+    if args.fabrics is not None and not set(args.fabrics) <= set(FABRICS):
+        parser.error(f"--fabrics must be letters among {','.join(FABRICS)}, got {args.fabrics}")
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
     sized = args.per_class is not None or args.like_stitchingnet
@@ -803,7 +816,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.preview is not None:
         write_preview(args.preview, args.seed, args.img_size, zoom=args.zoom)
     if args.out is not None:
-        count = generate(args.out, args.per_class, args.seed, args.like_stitchingnet, args.img_size, args.workers, not args.quiet, args.zoom)
+        count = generate(args.out, args.per_class, args.seed, args.like_stitchingnet, args.img_size, args.workers, not args.quiet,
+                         args.zoom, args.fabrics)
         print(f"wrote {count} images to {args.out}")
     return 0
 

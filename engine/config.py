@@ -22,6 +22,7 @@ class DataConfig:
     img_size: int | None = None  # None: a given checkpoint's size, else the default
     augment: int = 1
     test_fabrics: list[str] | None = None
+    fabrics: list[str] | None = None  # None: every fabric in the data
     workers: int = 0
     batch_size: int = 32
 

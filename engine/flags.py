@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from data.stitchingnet import fabric_letters
 from data.synthetic import MAX_ZOOM
 from data.transforms import AUGMENT_VERSIONS
 from utils.cli import (
@@ -48,7 +49,11 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--augment", type=int, choices=AUGMENT_VERSIONS, default=1,
                        help="augmentation version: 0 none, 1 flips + small rotation, 2 = 1 + colour jitter, "
                             "3 = 2 + blur + noise (default: %(default)s)")
-    group.add_argument("--test-fabrics", metavar="LETTERS", type=lambda s: [f for f in s.split(",") if f],
+    group.add_argument("--fabrics", metavar="LETTERS", type=fabric_letters,
+                       help="train and test on these fabrics only, e.g. A,B,J: a detector for the fabrics one line "
+                            "sews (with --synthetic only these are generated); results are labelled with them "
+                            "(default: all)")
+    group.add_argument("--test-fabrics", metavar="LETTERS", type=fabric_letters,
                        help="hold these fabrics out as the whole test set, e.g. I,J,K (unseen-fabric generalisation)")
     group.add_argument("--workers", type=non_negative_int, default=DEFAULT_WORKERS,
                        help="DataLoader worker processes (default: %(default)s)")

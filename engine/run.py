@@ -12,6 +12,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from data.loading import DataBundle, load_data, make_loader
+from data.stitchingnet import FABRICS
 from data.synthetic import MIN_IMG_SIZE, ensure_synthetic
 from data.transforms import Preprocess
 from engine.config import RunConfig, TrainConfig
@@ -47,7 +48,11 @@ def resolve_data_source(config: RunConfig, stored: RunDescription | None = None)
         img_size = data.img_size or (stored.img_size if stored else None) or DEFAULT_IMG_SIZE
         if img_size < MIN_IMG_SIZE:
             raise UserError(f"--img-size {img_size} is below the synthetic set's minimum of {MIN_IMG_SIZE} px")
-        return SyntheticSource(data.synthetic_per_class, img_size, data.synthetic_zoom), None
+        unknown = sorted(set(data.fabrics or []) - set(FABRICS))
+        if unknown:
+            raise UserError(f"--fabrics {','.join(unknown)}: the synthetic set's fabrics are {','.join(FABRICS)}")
+        fabrics = "".join(data.fabrics) if data.fabrics else None
+        return SyntheticSource(data.synthetic_per_class, img_size, data.synthetic_zoom, fabrics), None
     if data.data_root is None and stored is not None and stored.synthetic is not None:
         return stored.synthetic, None
     return None, data.data_root or (stored.data_root if stored else None) or DEFAULT_DATA_ROOT
@@ -60,7 +65,8 @@ def prepare_data(config: RunConfig, runtime: Runtime, stored: RunDescription | N
     if synthetic is not None:
         def make() -> Path:
             return ensure_synthetic(cache_root(), synthetic.per_class, SYNTHETIC_SEED, synthetic.img_size,
-                                    like_stitchingnet=synthetic.per_class is None, zoom=synthetic.zoom)
+                                    like_stitchingnet=synthetic.per_class is None, zoom=synthetic.zoom,
+                                    fabrics=synthetic.fabrics)
 
         if runtime.is_main:
             make()
@@ -69,7 +75,7 @@ def prepare_data(config: RunConfig, runtime: Runtime, stored: RunDescription | N
     bundle = load_data(
         root, img_size, config.seed, dataset=synthetic.label if synthetic else "real",
         split=stored.split if stored else None, test_fabrics=config.data.test_fabrics,
-        class_names=stored.class_names if stored else None, progress=runtime.is_main,
+        class_names=stored.class_names if stored else None, progress=runtime.is_main, fabrics=config.data.fabrics,
     )
     bundle.synthetic = synthetic
     return bundle

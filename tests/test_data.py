@@ -97,6 +97,19 @@ def test_fabric_hold_out_puts_whole_fabrics_in_test(tiny_dataset):
         make_split(samples, 0, test_fabrics=["Z"])
 
 
+def test_fabric_subset_keeps_only_those_fabrics_and_labels_the_data(tiny_dataset):
+    samples = scan_dataset(tiny_dataset).samples
+    split = make_split(samples, 0, fabrics=["c", "A"])
+    paths = split["train"] + split["val"] + split["test"]
+    assert split["fabrics"] == ["A", "C"] and len(paths) == 88
+    assert {p.split(".")[0] for p in paths} == {"A", "C"}
+    with pytest.raises(DatasetError, match="--fabrics Z not in the data"):
+        make_split(samples, 0, fabrics=["A", "Z"])
+    bundle = load_data(tiny_dataset, 32, 0, fabrics=["C", "A"])
+    assert bundle.dataset == "real-fabrics-AC" and bundle.split == split
+    assert load_data(tiny_dataset, 32, 0, split=split).dataset == "real-fabrics-AC"  # a checkpoint's split keeps the label
+
+
 @pytest.mark.parametrize("version", [0, 1, 2, 3])
 def test_augmentation_versions(version):
     image = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)

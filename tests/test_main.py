@@ -5,6 +5,7 @@ import csv
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from conftest import ROOT, TINY_TRAIN, run_script
 
 from engine.config import RunConfig, TrainConfig
 from engine.loop import smoothed_cross_entropy, train_one_epoch
-from engine.run import build_optimizer, resolve_data_source
+from engine.run import build_optimizer, prepare_data, resolve_data_source
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.description import RunDescription, SyntheticSource
 from utils.distributed import Runtime
@@ -150,6 +151,7 @@ def test_ddp_two_processes_on_cpu(tiny_dataset, tmp_path):
         (("--model", "mobilenetv3_smal"), "unknown model"),
         (("--warmup-epochs", "5", "--epochs", "5"), "--warmup-epochs (5) must be smaller than --epochs (5)"),
         (("--resume", "/nonexistent/last.pt"), "does not exist"),
+        (("--synthetic", "--fabrics", "a,z"), "--fabrics Z: the synthetic set's fabrics are A,B,C,D,E,F,G,H,I,J,K"),
     ],
 )
 def test_bad_input_gives_one_clear_line(args, message):
@@ -230,3 +232,20 @@ def test_zoomed_synthetic_runs_are_labelled_apart(v1_description):
     assert root is None and synthetic.label == "synthetic" and synthetic.zoom == 1.0
     assert SyntheticSource(2, 32, 1.0).label == "synthetic"
     assert SyntheticSource(2, 56, 4.0).label == "synthetic-zoom4"
+
+
+def test_a_fabric_subset_run_generates_trains_and_reloads_only_those_fabrics(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "runs"
+    flags = ("--synthetic", "--synthetic-per-class", "4", "--fabrics", "j,b", "--epochs", "1", "--output-dir", out)
+    assert run_script("main.py", *TINY_TRAIN, *flags) == 0
+    (row,) = read_rows(out / "results.csv")
+    assert row["dataset"] == "synthetic-fabrics-BJ"
+    (folder,) = (tmp_path / "cache" / "stitchdefect").iterdir()
+    assert folder.name.endswith("-fabrics-BJ") and sorted(p.name[0] for p in folder.iterdir() if p.is_dir()) == ["B", "J"]
+    description = load_checkpoint(next((out / "main").iterdir()) / "best.pt")["description"]
+    assert description.synthetic == SyntheticSource(4, 32, 1.0, "BJ") and description.split["fabrics"] == ["B", "J"]
+    assert {p[0] for part in ("train", "val", "test") for p in description.split[part]} == {"B", "J"}
+    shutil.rmtree(folder)  # another machine: the checkpoint alone regenerates the same subset, under the same label
+    bundle = prepare_data(RunConfig(), Runtime(torch.device("cpu")), description)
+    assert bundle.root == folder and bundle.dataset == "synthetic-fabrics-BJ" and bundle.split == description.split

@@ -134,3 +134,20 @@ def test_marker_from_before_zoom_is_reused_as_zoom_1(cached: Path) -> None:
     before = {p: p.stat().st_mtime_ns for p in cached.rglob("*.jpg")}
     assert ensure_synthetic(cached.parent, per_class=1, seed=3, img_size=SIZE, workers=2, progress=False) == cached
     assert {p: p.stat().st_mtime_ns for p in cached.rglob("*.jpg")} == before
+
+
+def test_fabric_subset_plan_keeps_the_full_plan_counts() -> None:
+    full = plan_counts(like_stitchingnet=True)
+    assert plan_counts(True, fabrics="AJ") == {key: n for key, n in full.items() if key[0] in "AJ"}
+    assert set(plan_counts(False, 3, "K").values()) == {3} and len(plan_counts(False, 3, "K")) == len(CLASSES)
+    with pytest.raises(ValueError, match="Z"):
+        plan_counts(False, 1, "AZ")
+
+
+def test_fabric_subset_cache_holds_the_same_images_as_the_full_set(cached: Path) -> None:
+    folder = ensure_synthetic(cached.parent, per_class=1, seed=3, img_size=SIZE, workers=1, progress=False, fabrics="BK")
+    assert folder.name == f"synthetic-v{GENERATOR_VERSION}-n1-s3-{SIZE}px-fabrics-BK"
+    assert json.loads((folder / MARKER).read_text())["fabrics"] == "BK"
+    subset = files(folder)
+    assert sorted({name.split(".")[0] for name in subset}) == ["B", "K"] and len(subset) == 2 * len(CLASSES)
+    assert subset == {name: data for name, data in files(cached).items() if name in subset}

@@ -22,11 +22,13 @@ class DescriptionError(UserError):
 
 @dataclass(frozen=True)
 class SyntheticSource:
-    """The embedded synthetic set a run used: ``per_class`` None means the real dataset's size."""
+    """The embedded synthetic set a run used: ``per_class`` None means the real dataset's size,
+    ``fabrics`` None all eleven (else their letters, e.g. "ABJ")."""
 
     per_class: int | None
     img_size: int
     zoom: float = 1.0
+    fabrics: str | None = None
 
     @property
     def label(self) -> str:
@@ -131,5 +133,5 @@ def _synthetic(data: Any) -> SyntheticSource:
         return data
     if not isinstance(data, dict) or "img_size" not in data:
         raise DescriptionError(f"field 'synthetic' is {data!r}, not a synthetic-set description")
-    # descriptions from before --synthetic-zoom have no zoom (zoom 1)
-    return SyntheticSource(data.get("per_class"), data["img_size"], data.get("zoom") or 1.0)
+    # descriptions from before --synthetic-zoom and --fabrics have no zoom (zoom 1) and no fabrics (all)
+    return SyntheticSource(data.get("per_class"), data["img_size"], data.get("zoom") or 1.0, data.get("fabrics"))
