@@ -5,6 +5,8 @@ import csv
 import json
 import multiprocessing
 import os
+import runpy
+import shlex
 import shutil
 import signal
 import subprocess
@@ -232,6 +234,16 @@ def test_zoomed_synthetic_runs_are_labelled_apart(v1_description):
     assert root is None and synthetic.label == "synthetic" and synthetic.zoom == 1.0
     assert SyntheticSource(2, 32, 1.0).label == "synthetic"
     assert SyntheticSource(2, 56, 4.0).label == "synthetic-zoom4"
+
+
+def test_the_readme_quick_start_is_a_valid_command_for_one_lines_fabrics():
+    """The README's first command must keep parsing as the flags change: it is what a new user runs first."""
+    (line,) = [line for line in (ROOT / "README.md").read_text().splitlines() if "python main.py" in line and "pip install" in line]
+    parser = runpy.run_path(str(ROOT / "main.py"), run_name="not_main")["get_args_parser"]()
+    config = RunConfig.from_flags(vars(parser.parse_args(shlex.split(line.split("python main.py", 1)[1]))))
+    synthetic, root = resolve_data_source(config, None)
+    assert root is None and synthetic == SyntheticSource(240, 112, 4.0, "ABJ")
+    assert config.data.fabrics == ["A", "B", "J"] and config.training.epochs <= config.training.patience
 
 
 def test_a_fabric_subset_run_generates_trains_and_reloads_only_those_fabrics(tmp_path, monkeypatch):
