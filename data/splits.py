@@ -60,8 +60,8 @@ def make_split(
         raise DatasetError(f"need at least 3 images to split into train/val/test, found {len(samples)}")
     if test_fabrics:
         test = select_fabrics(samples, test_fabrics, "--test-fabrics")
-        wanted = {f.strip().upper() for f in test_fabrics}
-        rest = [s for s in samples if s.fabric.upper() not in wanted]
+        held_out = {s.path for s in test}
+        rest = [s for s in samples if s.path not in held_out]
         if len(rest) < 2:
             raise DatasetError("--test-fabrics leaves fewer than 2 images for train and validation")
         train, val = _split_two(rest, val_share / (1 - test_share), seed)
