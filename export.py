@@ -3,8 +3,9 @@ TorchScript; benchmark every artifact.
 
     python export.py --checkpoint runs/main/<run>/best.pt --int8 --openvino --torchscript --benchmark
 
-Every exported file is checked against PyTorch (max |logit difference| printed; gated for FP32), scored on the
-checkpoint's test split through its runtime, and recorded in results.csv (method onnx-fp32 / onnx-int8 /
+Every exported file is checked against PyTorch (max |logit difference| printed; gated for FP32), gets its own defect
+threshold chosen on the checkpoint's validation split through its runtime (--false-alarm-budget; INT8 shifts scores)
+stored in its metadata, is scored on the test split, and recorded in results.csv (method onnx-fp32 / onnx-int8 /
 openvino-fp32 / openvino-int8).
 """
 from __future__ import annotations
@@ -15,22 +16,24 @@ import logging
 import platform
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime
 import torch
+from torch.utils.data import DataLoader
 
-from data.loading import make_loader
+from data.loading import DataBundle, make_loader
 from data.transforms import Preprocess
 from deploy.edge import all_threads
-from deploy.inference import OnnxModule, export_torchscript
-from deploy.onnx_export import check_parity, deploy_info, export_onnx, quantize_onnx
+from deploy.inference import OnnxModule, save_torchscript_artifact, trace_torchscript
+from deploy.onnx_export import check_parity, deploy_info, export_onnx, quantize_onnx, stamp_operating_point
 from deploy.timing import benchmark, format_table, write_reports
 from engine.config import RunConfig
 from engine.flags import add_data_args, add_run_args
 from engine.loop import evaluate
-from engine.run import create_run_dir, prepare_data, record
+from engine.run import choose_threshold_on_val, create_run_dir, log_test_row, prepare_data, record
 from models.factory import model_from_checkpoint
 from models.stats import model_stats, time_runs
 from utils.checkpoint import CheckpointError, load_checkpoint
@@ -39,10 +42,12 @@ from utils.description import RunDescription
 from utils.distributed import Runtime
 from utils.errors import UserError
 from utils.io import save_json
+from utils.operating_point import OperatingPoint
 from utils.results import print_table
 
 log = logging.getLogger(__name__)
 
+CPU = Runtime(torch.device("cpu"))  # every artifact is scored where it runs: on the CPU
 PARITY_IMAGES = 16
 RESULT_LATENCY_RUNS = 100
 
@@ -120,10 +125,11 @@ def main(args: argparse.Namespace) -> None:
     config = RunConfig.from_flags(vars(args))
     description = stored.replace(img_size=config.data.img_size or stored.img_size)
     size, mean, std = description.img_size, description.mean, description.std
-    runtime = Runtime(torch.device("cpu"))
+    runtime = CPU
     bundle = prepare_data(config, runtime, stored=description)
     preprocess = Preprocess(mean, std)
-    test_loader = make_loader(bundle.parts["test"], preprocess, batch_size=64, workers=args.workers, train=False, seed=args.seed)
+    split_loaders = {split: make_loader(bundle.parts[split], preprocess, batch_size=64, workers=args.workers, train=False, seed=args.seed)
+                     for split in ("val", "test")}
     real = torch.stack([preprocess(image) for image in bundle.parts["test"].images[:PARITY_IMAGES]])
     parity_inputs = {"random": torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(args.seed)), "real": real}
 
@@ -134,14 +140,17 @@ def main(args: argparse.Namespace) -> None:
 
     export_onnx(model, description, fp32_path)
     check_parity("ONNX Runtime FP32", model, OnnxModule(fp32_path), parity_inputs)
-    scoring = (run_dir, test_loader, bundle, description, stats, args)
-    rows.append(score(fp32_path, "onnx-fp32", OnnxModule, *scoring))
+    scoring = Scoring(run_dir, split_loaders, bundle, description, stats, config)
+    rows.append(score(fp32_path, "onnx-fp32", OnnxModule, stamp_operating_point, scoring))
     artifacts = {"pytorch-eager-fp32": lambda threads: model}
 
     if args.torchscript:
         scripted_path = fp32_path.with_suffix(".torchscript.pt")
-        scripted = export_torchscript(model, description, scripted_path)
+        scripted = trace_torchscript(model, size)
         check_parity("TorchScript FP32", model, scripted, parity_inputs)
+        point = choose_threshold_on_val(evaluate(scripted, split_loaders["val"], CPU, desc="val torchscript"), bundle, config,
+                                        "torchscript-fp32")
+        save_torchscript_artifact(scripted, description, scripted_path, point)
         log.info("TorchScript FP32: %s", scripted_path)
         artifacts["torchscript-fp32"] = lambda threads: scripted
     if torch_int8 is not None:
@@ -155,7 +164,7 @@ def main(args: argparse.Namespace) -> None:
         chosen = np.random.default_rng(args.seed).permutation(len(train_images))[:args.calibration_images]
         calibration = torch.stack([preprocess(train_images[i]) for i in chosen]).numpy()
         quantize_onnx(fp32_path, int8_path, calibration)
-        rows.append(score(int8_path, "onnx-int8", OnnxModule, *scoring))
+        rows.append(score(int8_path, "onnx-int8", OnnxModule, stamp_operating_point, scoring))
         artifacts["onnxruntime-int8"] = lambda threads: OnnxModule(int8_path, threads)
 
     versions = f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}"
@@ -168,13 +177,14 @@ def main(args: argparse.Namespace) -> None:
             ir_bytes,
             quantize_openvino,
             quantize_openvino_with_accuracy_control,
+            stamp_operating_point_ir,
         )
 
         versions += f", openvino {openvino.get_version()}"
         ov_path = fp32_path.with_suffix(".xml")
         fp32_ir = export_openvino(fp32_path, ov_path)
         check_parity("OpenVINO FP32", model, OpenVinoModule(ov_path), parity_inputs)
-        rows.append(score(ov_path, "openvino-fp32", OpenVinoModule, *scoring, file_bytes=ir_bytes(ov_path)))
+        rows.append(score(ov_path, "openvino-fp32", OpenVinoModule, stamp_operating_point_ir, scoring, ir_bytes))
         artifacts["openvino-fp32"] = lambda threads: OpenVinoModule(ov_path, threads)
         if calibration is not None:
             ov_int8_path = fp32_path.with_suffix(".int8.xml")
@@ -186,10 +196,11 @@ def main(args: argparse.Namespace) -> None:
                 accuracy_control = quantize_openvino_with_accuracy_control(
                     fp32_ir, deploy_info(description), ov_int8_path, calibration, val_images, val.labels, args.max_drop)[1]
             check_parity("OpenVINO INT8", model, OpenVinoModule(ov_int8_path), parity_inputs, gated=False)
-            rows.append(score(ov_int8_path, "openvino-int8", OpenVinoModule, *scoring, file_bytes=ir_bytes(ov_int8_path)))
+            rows.append(score(ov_int8_path, "openvino-int8", OpenVinoModule, stamp_operating_point_ir, scoring, ir_bytes))
             artifacts["openvino-int8"] = lambda threads: OpenVinoModule(ov_int8_path, threads)
 
-    summary = {row["method"]: {"checkpoint": row["checkpoint"], "test_acc": row["test_acc"], "file_mb": row["file_mb"]} for row in rows}
+    summary = {row["method"]: {key: row.get(key) for key in ("checkpoint", "test_acc", "file_mb", "threshold", "op_defect_recall",
+                                                          "op_false_alarm_rate")} for row in rows}
     if accuracy_control:
         summary["openvino-int8"]["accuracy_control"] = accuracy_control
     save_json(summary, run_dir / "summary.json")
@@ -205,15 +216,33 @@ def main(args: argparse.Namespace) -> None:
         log.info("benchmark written to %s and benchmark.md", fp32_path.parent / "benchmark.csv")
 
 
-def score(path: Path, method: str, load: Callable[[Path, int], torch.nn.Module], run_dir: Path, test_loader, bundle,
-          description: RunDescription, stats: dict, args: argparse.Namespace, file_bytes: int | None = None) -> dict:
-    """Test-split accuracy through the artifact's runtime (``load(path, threads)``: OnnxModule, OpenVinoModule), written
-    as a results row like every other model's (report in run_dir/method)."""
-    output = evaluate(load(path, all_threads()), test_loader, Runtime(torch.device("cpu")), desc=method)
-    row = record(output, bundle, description, run_dir, None, path, args.output_dir, "export", method,
-                 latency_ms=latency_ms(load(path, 1), description.img_size), stats=stats, report_dir=run_dir / method,
-                 file_bytes=file_bytes)
+@dataclass(frozen=True)
+class Scoring:
+    """What scoring an artifact needs besides the artifact: where its report goes, the data, its cost, the settings."""
+
+    run_dir: Path
+    loaders: dict[str, DataLoader]  # "val" (the threshold) and "test" (the figures)
+    bundle: DataBundle
+    description: RunDescription
+    stats: dict
+    config: RunConfig
+
+
+def score(path: Path, method: str, load: Callable[[Path, int], torch.nn.Module],
+          stamp: Callable[[Path, OperatingPoint | None], None], scoring: Scoring, size_of: Callable[[Path], int] | None = None) -> dict:
+    """Through the artifact's runtime (``load(path, threads)``: OnnxModule, OpenVinoModule): its own defect threshold
+    chosen on the validation split and written into its metadata (``stamp``), then its test-split figures written as
+    a results row like every other model's (report in run_dir/method). ``size_of``: the artifact's bytes on disk."""
+    module = load(path, all_threads())
+    val = evaluate(module, scoring.loaders["val"], CPU, desc=f"val {method}")
+    point = choose_threshold_on_val(val, scoring.bundle, scoring.config, method)
+    stamp(path, point)
+    output = evaluate(module, scoring.loaders["test"], CPU, desc=method)
+    row = record(output, scoring.bundle, scoring.description, scoring.run_dir, None, path, scoring.config.output_dir, "export",
+                 method, latency_ms=latency_ms(load(path, 1), scoring.description.img_size), stats=scoring.stats,
+                 report_dir=scoring.run_dir / method, file_bytes=size_of(path) if size_of else None, point=point)
     log.info("%s: %s (%s MB), test acc %.4f, %.2f ms at 1 thread", method, path, row["file_mb"], row["test_acc"], row["latency_ms_1t"])
+    log_test_row(row)
     return row
 
 

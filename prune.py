@@ -13,7 +13,18 @@ import logging
 from engine.config import RunConfig
 from engine.flags import add_data_args, add_run_args, add_training_args
 from engine.loop import evaluate
-from engine.run import create_run_dir, describe, loaders, prepare_data, prepare_model, record, seed_everything, stamp_metrics, train
+from engine.run import (
+    choose_threshold_on_val,
+    create_run_dir,
+    describe,
+    loaders,
+    prepare_data,
+    prepare_model,
+    record,
+    seed_everything,
+    stamp_metrics,
+    train,
+)
 from models.factory import ModelSpec, model_from_checkpoint
 from models.pruning import IMPORTANCES, ChannelPruner, PruneConfig, PruningError, architecture, parse_flops
 from models.stats import count_flops, measure_latency, model_stats
@@ -114,12 +125,13 @@ def main(args: argparse.Namespace) -> None:
         rounds[-1]["val_acc_finetuned"] = evaluate(model, data["val"], runtime, desc="val").acc
 
     best_path = run_dir / "best.pt"
+    point = choose_threshold_on_val(evaluate(model, data["val"], runtime, desc="val"), bundle, config, "the pruned model")
     output = evaluate(model, data["test"], runtime, desc="test")
-    stamp_metrics(best_path, output)
+    stamp_metrics(best_path, output, point)
     unpruned_ms = measure_latency(prepare_model(unpruned, runtime), img_size)  # same process, same memory format
     pruned_ms = measure_latency(model, img_size)
     row = record(output, bundle, description, run_dir, model, best_path, config.output_dir, "prune", "prune",
-                 epochs=epochs_run, latency_ms=pruned_ms)
+                 epochs=epochs_run, latency_ms=pruned_ms, point=point)
     save_json({
         "unpruned": {**model_stats(unpruned, img_size, len(bundle.class_names)), "latency_ms_1t": unpruned_ms,
                      "val_acc": base_val.acc, "checkpoint": str(args.checkpoint)},

@@ -24,7 +24,7 @@ from data.loading import DataBundle
 from engine.config import RunConfig
 from engine.flags import add_data_args, add_model_args, add_run_args, add_training_args
 from engine.loop import EvalOutput, evaluate
-from engine.run import create_run_dir, finetune, loaders, prepare_data, prepare_model, record, train
+from engine.run import choose_threshold_on_val, create_run_dir, finetune, loaders, prepare_data, prepare_model, record, train
 from models.factory import model_from_checkpoint, resolve_model
 from models.quantize import (
     ACTIVATION_OBSERVERS,
@@ -187,7 +187,9 @@ def quantize(args: argparse.Namespace, config: RunConfig, runtime: Runtime) -> N
 
     def finish(int8: torch.nn.Module, method: str, epochs: int | str, **extra) -> None:
         path = run_dir / f"int8_{method}.pt"
-        describe = {"script": SCRIPT, "method": method, "img_size": img_size, "fp32_checkpoint": str(checkpoint)}
+        point = choose_threshold_on_val(evaluate(int8, data["val"], CPU, desc=f"val {method}"), bundle, config, method)
+        describe = {"script": SCRIPT, "method": method, "img_size": img_size, "fp32_checkpoint": str(checkpoint),
+                    "operating_point": point.to_dict() if point else None}
         if args.api == "pt2e":
             pt2e().save_quantized(path, int8, payload, {**settings, "mode": method, **extra}, describe)
             pt2e().save_program(int8, run_dir / f"int8_{method}.pt2")
@@ -202,7 +204,7 @@ def quantize(args: argparse.Namespace, config: RunConfig, runtime: Runtime) -> N
         else:
             latency, timed = measure_latency(load_quantized(path), img_size), f"{path.name} (FX INT8 kernels)"
         row = record(output, bundle, description, run_dir, None, path, config.output_dir, SCRIPT, method, epochs=epochs,
-                     latency_ms=latency, stats=int8_stats, report_dir=run_dir / method)
+                     latency_ms=latency, stats=int8_stats, report_dir=run_dir / method, point=point)
         rows.append(row)
         summary[method] = {"checkpoint": str(path), "test_acc": output.acc, "test_loss": output.loss, "file_mb": row["file_mb"],
                            "latency_ms_1t": latency, "latency_timed": timed, "api": args.api, **extra}
@@ -224,7 +226,8 @@ def quantize(args: argparse.Namespace, config: RunConfig, runtime: Runtime) -> N
     save_json(summary, run_dir / "summary.json")
     log.info("FP32 %s: test acc %.4f  file %.3f MB  latency %.2f ms (1 thread, same process)", checkpoint, fp32_test.acc,
              summary["fp32"]["file_mb"], summary["fp32"]["latency_ms_1t"])
-    print_table(rows, ("model", "method", "test_acc", "test_loss", "macro_f1", "file_mb", "latency_ms_1t"))
+    print_table(rows, ("model", "method", "test_acc", "test_loss", "macro_f1", "threshold", "op_defect_recall", "op_false_alarm_rate",
+                       "file_mb", "latency_ms_1t"))
     log.info("INT8 models in %s", run_dir)
 
 

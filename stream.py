@@ -5,7 +5,8 @@
     python stream.py --onnx model.onnx --source line3.mp4 --benchmark               # how fast is this machine?
 
 With --onnx (or --openvino) it needs neither PyTorch nor timm (requirements-edge.txt). Every frame gets one JSON line (time,
-frame index, verdict, class, confidence, tile); an alert fires after --consecutive defective frames in a row.
+frame index, verdict, class, confidence, defect score, tile); a tile is defective when its defect score 1 - P(Normal) reaches
+the threshold stored in the model (--threshold overrides it); an alert fires after --consecutive defective frames in a row.
 """
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ import logging
 import sys
 from pathlib import Path
 
-from deploy.artifacts import add_model_args, open_classifier
+from deploy.artifacts import add_model_args, add_threshold_arg, decision_rule, decision_threshold, open_classifier
+from deploy.collect import DEFAULT_BAND, DEFAULT_MAX, Collector
 from deploy.sources import open_source
 from deploy.stream import Inspector, Outputs, Settings, Summary, open_window, run
 from deploy.tiling import Box, parse_roi
-from utils.cli import positive_int, probability, run_cli
+from utils.cli import open_fraction, positive_int, run_cli
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     where.add_argument("--stride", type=positive_int, metavar="PX", help="step between tiles (default: --tile, no overlap; "
                                                                           "the last tile always ends at the region's edge)")
     decide = parser.add_argument_group("verdicts")
-    decide.add_argument("--threshold", type=probability, metavar="P",
-                        help="a tile is defective when its defect probability 1 - P(Normal) >= P "
-                             "(default: when its most likely class is not Normal, as predict.py decides)")
+    add_threshold_arg(decide)
     decide.add_argument("--consecutive", type=positive_int, default=1, metavar="N",
                         help="alert after N defective frames in a row, once per run of them (default: %(default)s)")
     out = parser.add_argument_group("results")
@@ -63,17 +63,32 @@ def get_args_parser() -> argparse.ArgumentParser:
     out.add_argument("--benchmark", action="store_true",
                      help="time the run: no JSON lines on stdout; the summary adds the share of 1 / (capture + preprocess + "
                           "inference) reached end to end")
+    collect = parser.add_argument_group("collecting tiles to label (feedback for retraining)")
+    collect.add_argument("--collect", metavar="DIR", type=Path,
+                         help="save the defective tiles of each alerted frame and every tile whose defect score is within "
+                              "--collect-band of the threshold as DIR/<predicted class>/<source>_f<frame>_t<tile>.png (the "
+                              "tile as cut from the frame, lossless), listed in DIR/collected.csv; moving a file into the right "
+                              "class folder labels it, and DIR is a <class>/<image> dataset as --data-root reads")
+    collect.add_argument("--collect-band", type=open_fraction, default=DEFAULT_BAND, metavar="W",
+                         help="collect tiles with |defect score - threshold| <= W, W in (0, 1); with no threshold (a model "
+                              "deciding by its most likely class) the band is around 0.5 (default: %(default)s)")
+    collect.add_argument("--collect-max", type=positive_int, default=DEFAULT_MAX, metavar="N",
+                         help="stop collecting (with one warning) after N files in a run, so the disk never fills; the "
+                              "inspection goes on (default: %(default)s)")
     parser.add_argument("--threads", type=positive_int, default=1, help="ONNX Runtime / OpenVINO / PyTorch threads (default: %(default)s)")
     return parser
 
 
 def main(args: argparse.Namespace) -> None:
     classifier = open_classifier(args.checkpoint, args.onnx, args.openvino, args.threads)
-    settings = Settings(args.roi, args.tile, args.stride, args.threshold, args.consecutive)
+    threshold = decision_threshold(classifier, args.threshold)
+    settings = Settings(args.roi, args.tile, args.stride, threshold, args.consecutive)
     inspector = Inspector(classifier, settings)
     source = open_source(args.source)
     if args.show:
         open_window()
+    collector = (Collector(args.collect, args.collect_band, args.collect_max, classifier.info["class_names"], source.name, source.live)
+                 if args.collect else None)
     on_stdout = not (args.jsonl or args.benchmark)
     report = sys.stderr if on_stdout else sys.stdout  # stdout carries nothing but the JSON lines
     summary = Summary()
@@ -81,7 +96,7 @@ def main(args: argparse.Namespace) -> None:
     frames = source.frames()
     try:
         status = sys.stderr if log.isEnabledFor(logging.INFO) else None
-        run(frames, inspector, settings, Outputs(jsonl, args.save_defects, args.show, status), summary)
+        run(frames, inspector, settings, Outputs(jsonl, args.save_defects, args.show, status, collector), summary)
     finally:
         frames.close()
         if jsonl is not None and jsonl is not sys.stdout:
@@ -89,8 +104,12 @@ def main(args: argparse.Namespace) -> None:
         summary.reconnects = source.reconnects
         if summary.frames + summary.unreadable:  # a source that never opened is one error line, not a summary
             info = classifier.info
-            for line in summary.lines(source.name, f"{info['model']} {info['img_size']} px", args.benchmark):
+            for line in summary.lines(source.name, f"{info['model']} {info['img_size']} px, {decision_rule(threshold)}", args.benchmark):
                 print(line, file=report, flush=True)
+        if collector is not None:
+            collector.close()
+            if summary.frames:
+                print(collector.report(), file=report, flush=True)
 
 
 if __name__ == "__main__":

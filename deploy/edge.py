@@ -17,9 +17,11 @@ from PIL import Image
 
 from data.stitchingnet import normal_index
 from utils.errors import UserError
+from utils.operating_point import OperatingPoint, OperatingPointError
 
 # The exported model's interface; defined on this torch-free side, deploy.onnx_export writes it.
-METADATA_KEY = "stitchdefect"  # ONNX metadata entry / OpenVINO rt_info key holding the deploy info (class names, mean/std, img_size)
+METADATA_KEY = "stitchdefect"  # ONNX metadata entry / OpenVINO rt_info key holding the deploy info (class names, mean/std,
+# img_size, operating_point: the defect threshold chosen for this artifact on validation images)
 INPUT_NAME = "input"  # float32 [batch, 3, img_size, img_size], normalised with the stored mean/std
 OUTPUT_NAME = "logits"  # float32 [batch, num_classes], softmax gives the class probabilities
 
@@ -50,6 +52,17 @@ def normalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
     return inputs
 
 
+def stored_operating_point(info: dict) -> OperatingPoint | None:
+    """The operating point an artifact or checkpoint carries; None for one made before operating points existed."""
+    stored = info.get("operating_point")
+    if stored is None:
+        return None
+    try:
+        return OperatingPoint.from_dict(stored)
+    except OperatingPointError as error:
+        raise EdgeModelError(f"the model's metadata is damaged: {error}; export it again") from None
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
@@ -57,12 +70,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 class ExportedClassifier:
     """What predict.py and stream.py call on an exported model, whatever runs it: ``info`` (the deploy metadata),
-    ``normal`` (index of the Normal class), ``prepare`` and ``infer`` (separate so a caller can time them apart);
-    ``classifier(images)`` gives class probabilities."""
+    ``normal`` (index of the Normal class), ``operating_point`` (its stored defect threshold, or None), ``prepare``
+    and ``infer`` (separate so a caller can time them apart); ``classifier(images)`` gives class probabilities."""
 
     def __init__(self, info: dict):
         self.info = info
         self.normal = normal_index(info["class_names"])
+        self.operating_point = stored_operating_point(info)
 
     def prepare(self, images: np.ndarray) -> np.ndarray:
         """uint8 RGB [N, img_size, img_size, 3] -> the model's normalised input."""

@@ -19,6 +19,7 @@ from data.images import read_image
 from data.scan import IMAGE_EXTENSIONS
 from data.stitchingnet import normal_index
 from utils.errors import UserError
+from utils.operating_point import flag_defects, top_defect_classes
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +35,15 @@ class Prediction:
     confidence: float
     defect: bool | None  # None: the model has no Normal class
     top_k: list[tuple[str, float]]
+    score: float | None = None  # the defect score 1 - P(Normal); None without a Normal class
 
     @property
     def verdict(self) -> str:
         return {True: "DEFECT", False: "normal", None: "-"}[self.defect]
 
     def to_dict(self, with_top_k: bool) -> dict:
-        row = {"path": self.path, "class": self.label, "confidence": round(self.confidence, 6), "defect": self.defect}
+        row = {"path": self.path, "class": self.label, "confidence": round(self.confidence, 6), "defect": self.defect,
+               "defect_score": None if self.score is None else round(self.score, 6)}
         if with_top_k:
             row["top_k"] = [{"class": name, "confidence": round(p, 6)} for name, p in self.top_k]
         return row
@@ -72,8 +75,11 @@ def _decode(path: Path, size: int) -> np.ndarray | None:
 
 
 def classify_files(classify: Callable[[np.ndarray], np.ndarray], info: dict, files: list[Path], top_k: int = 1,
-                   batch_size: int = 32) -> Iterator[Prediction]:
-    """Predictions in file order; unreadable files are skipped with a warning on stderr (all unreadable: NoImagesError)."""
+                   batch_size: int = 32, threshold: float | None = None) -> Iterator[Prediction]:
+    """Predictions in file order; unreadable files are skipped with a warning on stderr (all unreadable: NoImagesError).
+
+    With a ``threshold`` the defect score decides (score >= threshold: DEFECT, reported as its most likely defect
+    class; else Normal), as stream.py decides a tile; without one the most likely class does."""
     names = info["class_names"]
     normal = normal_index(names)
     if normal is None:
@@ -91,9 +97,15 @@ def classify_files(classify: Callable[[np.ndarray], np.ndarray], info: dict, fil
             probs = np.asarray(classify(np.stack([image for _, image in decoded])))
             indices = np.argsort(-probs, axis=1, kind="stable")[:, :k]
             values = np.take_along_axis(probs, indices, axis=1)
-            for (path, _), top_values, top_indices in zip(decoded, values.tolist(), indices.tolist()):
-                yield Prediction(str(path), names[top_indices[0]], top_values[0], None if normal is None else top_indices[0] != normal,
-                                 [(names[i], v) for i, v in zip(top_indices, top_values)])
+            labels = indices[:, 0]
+            scores = defective = [None] * len(probs)
+            if normal is not None:
+                scores, defective = flag_defects(probs, normal, threshold)
+                labels = np.where(defective, top_defect_classes(probs, normal), normal)
+            for i, ((path, _), top_values, top_indices) in enumerate(zip(decoded, values.tolist(), indices.tolist())):
+                yield Prediction(str(path), names[labels[i]], float(probs[i, labels[i]]),
+                                 None if normal is None else bool(defective[i]),
+                                 [(names[j], v) for j, v in zip(top_indices, top_values)], None if normal is None else float(scores[i]))
     if not readable:
         raise NoImagesError(f"none of the {len(files)} files given could be read as an image")
 

@@ -17,6 +17,7 @@ from utils.checkpoint import load_checkpoint
 from utils.description import RunDescription
 from utils.errors import UserError
 from utils.io import atomic_path
+from utils.operating_point import OperatingPoint
 
 
 class ArtifactError(UserError):
@@ -65,12 +66,18 @@ def load_checkpoint_classifier(path: Path | str, threads: int = all_threads()) -
     return model_from_checkpoint(payload), deploy_info(payload["description"])
 
 
-def export_torchscript(model: torch.nn.Module, description: RunDescription, path: Path) -> torch.jit.ScriptModule:
-    """Traced and frozen FP32 TorchScript (portable: no x86-only fusions); the deploy info rides in extra files."""
-    size = description.img_size
+def trace_torchscript(model: torch.nn.Module, img_size: int) -> torch.jit.ScriptModule:
+    """Traced and frozen FP32 TorchScript (portable: no x86-only fusions)."""
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates TorchScript in favour of torch.export
-        scripted = torch.jit.freeze(torch.jit.trace(model.eval(), torch.zeros(1, 3, size, size)))
+        return torch.jit.freeze(torch.jit.trace(model.eval(), torch.zeros(1, 3, img_size, img_size)))
+
+
+def save_torchscript_artifact(scripted: torch.jit.ScriptModule, description: RunDescription, path: Path,
+                              point: OperatingPoint | None) -> None:
+    """The deploy info, with the artifact's own operating point, rides in the extra file deploy_info.json."""
+    info = {**deploy_info(description), "operating_point": point.to_dict() if point else None}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
         with atomic_path(path) as tmp:
-            torch.jit.save(scripted, str(tmp), _extra_files={"deploy_info.json": json.dumps(deploy_info(description))})
-    return scripted
+            torch.jit.save(scripted, str(tmp), _extra_files={"deploy_info.json": json.dumps(info)})

@@ -21,21 +21,25 @@ from deploy.edge import INPUT_NAME, METADATA_KEY, OUTPUT_NAME
 from utils.description import RunDescription
 from utils.errors import UserError
 from utils.io import atomic_path
+from utils.operating_point import OperatingPoint
 
 OPSET = 18  # the dynamo exporter's own opset: asking for 17 triggers a lossy down-conversion
 log = logging.getLogger(__name__)
 
 PARITY_TOLERANCE = 1e-4  # max |logit difference| allowed between PyTorch and ONNX Runtime FP32
-DEPLOY_KEYS = ("model", "family", "alpha", "method", "num_classes", "class_names", "img_size", "mean", "std", "dataset")
+DEPLOY_KEYS = ("model", "family", "alpha", "method", "num_classes", "class_names", "img_size", "mean", "std", "dataset",
+               "operating_point")
 
 
 class ExportError(UserError):
     """An exported artifact does not reproduce the PyTorch model."""
 
 
-def deploy_info(description: RunDescription) -> dict:
-    """The part of a checkpoint description that inference needs, as plain data for the artifact's metadata."""
-    return {key: getattr(description, key) for key in DEPLOY_KEYS}
+def deploy_info(description: RunDescription, point: OperatingPoint | None = None) -> dict:
+    """The part of a checkpoint description that inference needs, as plain data for the artifact's metadata;
+    ``point`` replaces the checkpoint's operating point (an artifact's own, chosen on its own scores)."""
+    info = {key: getattr(description, key) for key in DEPLOY_KEYS}
+    return info if point is None else {**info, "operating_point": point.to_dict()}
 
 
 def read_deploy_info(model: onnx.ModelProto) -> dict | None:
@@ -43,6 +47,12 @@ def read_deploy_info(model: onnx.ModelProto) -> dict | None:
         if prop.key == METADATA_KEY:
             return json.loads(prop.value)
     return None
+
+
+def stamp_operating_point(path: Path, point: OperatingPoint | None) -> None:
+    """Rewrite an exported ONNX file's metadata with its own operating point (None: no threshold, argmax verdicts)."""
+    model = onnx.load(path)
+    _save_with_info(model, {**read_deploy_info(model), "operating_point": point.to_dict() if point else None}, path)
 
 
 def _save_with_info(model: onnx.ModelProto, info: dict, path: Path) -> None:

@@ -23,6 +23,7 @@ from deploy.edge import METADATA_KEY, all_threads
 from deploy.onnx_export import read_deploy_info
 from deploy.openvino_runtime import compile_ir, read_ir
 from utils.io import WriteError, atomic_path
+from utils.operating_point import OperatingPoint
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,12 @@ def save_ir(model: ov.Model, info: dict, path: Path) -> None:
                 raise WriteError(f"cannot write '{path}': {str(error).strip().splitlines()[0]}") from None
             (Path(scratch) / "model.bin").replace(bin_tmp)
             (Path(scratch) / "model.xml").replace(xml_tmp)
+
+
+def stamp_operating_point_ir(path: Path, point: OperatingPoint | None) -> None:
+    """Rewrite an IR's deploy info with its own operating point (None: no threshold, argmax verdicts)."""
+    model, info = read_ir(path)
+    save_ir(model, {**info, "operating_point": point.to_dict() if point else None}, path)
 
 
 def export_openvino(onnx_path: Path, path: Path) -> ov.Model:

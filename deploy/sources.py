@@ -36,6 +36,7 @@ class Frame:
     index: int  # position in the source (unreadable frames keep their index)
     image: np.ndarray | None  # BGR uint8 [H, W, 3]; None: unreadable, skipped
     capture_s: float  # time spent reading and decoding it
+    path: str | None = None  # the image file it came from (a folder source); None for a video or camera
 
 
 class Capture(Protocol):
@@ -128,7 +129,7 @@ class FolderSource:
             except (OSError, ValueError, Image.DecompressionBombError) as error:
                 log.warning("skipping '%s': not a readable image (%s)", path, error)
                 image = None
-            yield Frame(index, image, time.perf_counter() - started)
+            yield Frame(index, image, time.perf_counter() - started, str(path))
 
 
 class PicameraCapture:

@@ -23,6 +23,7 @@ from deploy.overlay import draw_overlay, save_frame
 from deploy.sources import Frame
 from deploy.tiling import Box, cut_tiles, tile_boxes
 from utils.errors import UserError
+from utils.operating_point import flag_defects, top_defect_classes
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class Verdict:
     defect_tiles: list[int]
     labels: list[str | None]  # per tile: "class 0.93" when defective, None when normal
     alert: bool = False
+    scores: list[float] = field(default_factory=list)  # per tile: the defect score 1 - P(Normal) (for --collect)
+    predicted: list[str] = field(default_factory=list)  # per tile: its top defect class when defective, else Normal
 
     def to_json(self) -> dict:
         return {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), "frame": self.frame,
@@ -116,20 +119,15 @@ class Inspector:
 
     def judge(self, index: int, probs: np.ndarray, boxes: list[Box]) -> Verdict:
         normal = self.classifier.normal
-        defect_prob = 1.0 - probs[:, normal]
-        if self.settings.threshold is None:
-            defective = probs.argmax(axis=1) != normal
-        else:
-            defective = defect_prob >= self.settings.threshold
-        without_normal = probs.copy()
-        without_normal[:, normal] = -1.0
-        top_defect = without_normal.argmax(axis=1)  # the class a defective tile is reported as
+        defect_prob, defective = flag_defects(probs, normal, self.settings.threshold)
+        top_defect = top_defect_classes(probs, normal)  # the class a defective tile is reported as
         labels = [f"{self.names[top_defect[i]]} {probs[i, top_defect[i]]:.2f}" if defective[i] else None for i in range(len(boxes))]
         candidates = np.flatnonzero(defective) if defective.any() else np.arange(len(boxes))
         tile = int(candidates[np.argmax(defect_prob[candidates])])
         label = int(top_defect[tile]) if defective[tile] else normal
+        predicted = [self.names[top_defect[i]] if defective[i] else self.names[normal] for i in range(len(boxes))]
         return Verdict(index, bool(defective.any()), self.names[label], float(probs[tile, label]), float(defect_prob[tile]), tile,
-                       boxes, [int(i) for i in np.flatnonzero(defective)], labels)
+                       boxes, [int(i) for i in np.flatnonzero(defective)], labels, scores=defect_prob.tolist(), predicted=predicted)
 
 
 @dataclass
@@ -185,14 +183,21 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class Collecting(Protocol):
+    """``deploy.collect.Collector`` (--collect): keeps the tiles worth labelling; a protocol, so stream needs no collect import."""
+
+    def add(self, frame: Frame, verdict: Verdict, threshold: float | None) -> int: ...
+
+
 @dataclass
 class Outputs:
-    """Where results go: JSON lines (a stream or None), alerted frames, a window."""
+    """Where results go: JSON lines (a stream or None), alerted frames, a window, collected tiles."""
 
     jsonl: IO[str] | None = None
     save_defects: Path | None = None
     show: bool = False
     status: IO[str] | None = None  # the status line every few seconds (None: not shown)
+    collect: Collecting | None = None
 
 
 def open_window() -> None:
@@ -223,6 +228,8 @@ def run(frames: Iterable[Frame], inspector: Inspector, settings: Settings, outpu
                 outputs.jsonl.flush()
             if verdict.alert and outputs.save_defects is not None:
                 save_frame(draw_overlay(frame.image, verdict.boxes, verdict.labels), outputs.save_defects / f"frame_{frame.index:06d}.jpg")
+            if outputs.collect is not None:
+                outputs.collect.add(frame, verdict, settings.threshold)
             if outputs.show:
                 cv2.imshow(WINDOW, draw_overlay(frame.image, verdict.boxes, verdict.labels, summary.fps))
                 if cv2.waitKey(1) & 0xFF in (ord("q"), 27):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from utils.errors import UserError
+from utils.operating_point import DEFAULT_BUDGET
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class RunConfig:
     output_dir: str = "runs"
     pretrained: bool = True
     weights: str | None = None
+    false_alarm_budget: float = DEFAULT_BUDGET  # the operating point's validation false-alarm rate
     flags: dict[str, Any] = field(default_factory=dict)  # the whole command line, stored in checkpoints for --resume
 
     @classmethod

@@ -10,6 +10,7 @@ from data.transforms import AUGMENT_VERSIONS
 from utils.cli import (
     non_negative_float,
     non_negative_int,
+    open_fraction,
     positive_float,
     positive_int,
     random_seed,
@@ -17,6 +18,7 @@ from utils.cli import (
     unit_fraction,
 )
 from utils.errors import UserError
+from utils.operating_point import DEFAULT_BUDGET
 
 # On 2 cores a worker process steals the cores the train step needs: 85% vs 68% of the step
 # rate end to end (docs/benchmarks.md), so load in the main process there.
@@ -104,6 +106,10 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=random_seed, default=2025,
                        help="seed of the split, initialisation and augmentation (default: %(default)s)")
     group.add_argument("--output-dir", default="runs", help="run folders and results.csv go here (default: %(default)s)")
+    group.add_argument("--false-alarm-budget", type=open_fraction, default=DEFAULT_BUDGET, metavar="F",
+                       help="the share of good seams the line may flag: the defect threshold (on 1 - P(Normal)) is the "
+                            "one with the highest defect recall whose false-alarm rate on the validation split is <= F; "
+                            "it is stored in the checkpoint and every exported artifact (default: %(default)s)")
 
 
 def check_schedule(args: argparse.Namespace) -> None:

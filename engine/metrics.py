@@ -1,7 +1,9 @@
-"""Test metrics that matter on a sewing line: accuracy, macro F1, defect recall, false alarms."""
+"""Test metrics that matter on a sewing line: accuracy, macro F1, defect recall, false alarms, and the same two QC
+figures at the operating point (the defect threshold chosen on validation images for a false-alarm budget)."""
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import matplotlib
@@ -14,6 +16,9 @@ from sklearn.metrics import classification_report, confusion_matrix, precision_r
 from data.scan import fabric_of  # noqa: E402
 from data.stitchingnet import normal_index  # noqa: E402
 from utils.io import atomic_open, atomic_path, save_json  # noqa: E402
+from utils.operating_point import OperatingPoint, OperatingPointError, binomial_se, choose_threshold, defect_scores, rates_at  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 
 def classification_metrics(targets: np.ndarray, preds: np.ndarray, class_names: list[str]) -> dict:
@@ -38,6 +43,35 @@ def classification_metrics(targets: np.ndarray, preds: np.ndarray, class_names: 
     }
 
 
+def choose_operating_point(targets: np.ndarray, probs: np.ndarray, class_names: list[str], budget: float,
+                           what: str = "the model") -> OperatingPoint | None:
+    """The threshold for ``budget`` chosen on these (validation) predictions; None, with one warning saying why,
+    where it cannot be chosen (no Normal class, or a split without Normal or defective images): the model then
+    decides by argmax, as before thresholds existed."""
+    normal = normal_index(class_names)
+    if normal is None:
+        log.warning("%s has no Normal class: no defect threshold, verdicts stay argmax", what)
+        return None
+    try:
+        point = choose_threshold(defect_scores(probs, normal), targets != normal, budget)
+    except OperatingPointError as error:
+        log.warning("%s: no defect threshold, verdicts stay argmax: %s", what, error)
+        return None
+    log.info("%s: defect threshold %.4f for a %.1f %% false-alarm budget: validation defect recall %.4f, false alarms "
+             "%.4f (%d Normal images)", what, point.threshold, 100 * budget, point.val_defect_recall,
+             point.val_false_alarm_rate, point.val_normal)
+    return point
+
+
+def operating_point_metrics(targets: np.ndarray, probs: np.ndarray, class_names: list[str], point: OperatingPoint) -> dict:
+    """The test split's defect recall and false alarms at ``point``'s threshold, with the binomial SE of the latter."""
+    normal = normal_index(class_names)
+    defective = targets != normal
+    recall, false_alarms = rates_at(defect_scores(probs, normal), defective, point.threshold)
+    return {"false_alarm_budget": point.budget, "threshold": point.threshold, "op_defect_recall": recall,
+            "op_false_alarm_rate": false_alarms, "op_false_alarm_se": binomial_se(false_alarms, int((~defective).sum()))}
+
+
 def per_fabric_metrics(targets: np.ndarray, preds: np.ndarray, paths: list[str], class_names: list[str]) -> dict[str, dict]:
     """Images, accuracy, defect recall and false alarms per fabric (by ``data.scan.fabric_of``; {} where paths name none).
 
@@ -54,12 +88,12 @@ def per_fabric_metrics(targets: np.ndarray, preds: np.ndarray, paths: list[str],
 
 
 def write_test_report(out_dir: Path, targets: np.ndarray, preds: np.ndarray, probs: np.ndarray, paths: list[str], class_names: list[str],
-                      metrics: dict) -> dict[str, dict]:
-    """metrics.json (with ``per_fabric``), per_fabric.csv, classification_report.txt, confusion_matrix.csv/.png,
-    misclassified.csv; returns the per-fabric table."""
+                      metrics: dict, point: OperatingPoint | None = None) -> dict[str, dict]:
+    """metrics.json (with ``per_fabric`` and the ``operating_point``), per_fabric.csv, classification_report.txt,
+    confusion_matrix.csv/.png, misclassified.csv; returns the per-fabric table."""
     labels = list(range(len(class_names)))
     fabrics = per_fabric_metrics(targets, preds, paths, class_names)
-    save_json({**metrics, "per_fabric": fabrics}, out_dir / "metrics.json")
+    save_json({**metrics, "operating_point": point.to_dict() if point else None, "per_fabric": fabrics}, out_dir / "metrics.json")
     if fabrics:
         with atomic_open(out_dir / "per_fabric.csv", newline="") as handle:
             writer = csv.writer(handle)

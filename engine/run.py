@@ -17,7 +17,7 @@ from data.synthetic import MIN_IMG_SIZE, ensure_synthetic
 from data.transforms import Preprocess
 from engine.config import RunConfig, TrainConfig
 from engine.loop import EvalOutput, FitConfig, FitResult, LossFn, evaluate, fit, smoothed_cross_entropy, unwrap
-from engine.metrics import classification_metrics, write_test_report
+from engine.metrics import choose_operating_point, classification_metrics, operating_point_metrics, write_test_report
 from models.factory import ModelSpec, create_model, data_config, head_parameters, load_weights
 from models.stats import measure_latency, model_stats
 from utils.checkpoint import load_checkpoint, save_checkpoint
@@ -25,7 +25,8 @@ from utils.description import RunDescription, SyntheticSource
 from utils.distributed import Runtime, barrier, broadcast
 from utils.errors import UserError
 from utils.io import make_unique_dir, save_json
-from utils.results import append_result, check_results_file
+from utils.operating_point import OperatingPoint
+from utils.results import OPERATING_POINT_COLUMNS, append_result, check_results_file
 
 DEFAULT_DATA_ROOT = "dataset/StitchingNet"
 DEFAULT_IMG_SIZE = 224
@@ -158,36 +159,48 @@ def train(model: torch.nn.Module, bundle: DataBundle, description: RunDescriptio
 
 
 def test_predictions(model: torch.nn.Module, bundle: DataBundle, description: RunDescription, config: RunConfig,
-                     runtime: Runtime) -> EvalOutput:
-    return evaluate(model, loaders(bundle, description, config, runtime)["test"], runtime, desc="test")
+                     runtime: Runtime, split: str = "test") -> EvalOutput:
+    """Predictions on a whole split in this process (``runtime`` must not shard: run it on rank 0 with a local one)."""
+    return evaluate(model, loaders(bundle, description, config, runtime)[split], runtime, desc=split)
 
 
-def test_metrics(output: EvalOutput, class_names: list[str]) -> dict:
-    return {**classification_metrics(output.targets, output.preds, class_names), "loss": output.loss}
+def choose_threshold_on_val(output: EvalOutput, bundle: DataBundle, config: RunConfig, what: str) -> OperatingPoint | None:
+    """The operating point for ``config.false_alarm_budget`` chosen on a model's validation predictions."""
+    return choose_operating_point(output.targets, output.probs, bundle.class_names, config.false_alarm_budget, what)
 
 
-def stamp_metrics(checkpoint: Path, output: EvalOutput) -> None:
-    """Re-save a best.pt with its test metrics, so the checkpoint describes itself completely."""
+def test_metrics(output: EvalOutput, class_names: list[str], point: OperatingPoint | None = None) -> dict:
+    """Argmax metrics and loss, plus the recall and false alarms at ``point``'s threshold where there is one."""
+    metrics = {**classification_metrics(output.targets, output.preds, class_names), "loss": output.loss}
+    if point is not None:
+        metrics.update(operating_point_metrics(output.targets, output.probs, class_names, point))
+    return metrics
+
+
+def stamp_metrics(checkpoint: Path, output: EvalOutput, point: OperatingPoint | None) -> None:
+    """Re-save a best.pt with its test metrics and operating point, so the checkpoint describes itself completely."""
     best = load_checkpoint(checkpoint)
     description = best["description"]
-    save_checkpoint(checkpoint, best["model"], description.replace(metrics=test_metrics(output, description.class_names)))
+    save_checkpoint(checkpoint, best["model"], description.replace(
+        metrics=test_metrics(output, description.class_names, point), operating_point=point.to_dict() if point else None))
 
 
 def record(output: EvalOutput, bundle: DataBundle, description: RunDescription, run_dir: Path, model_for_cost: torch.nn.Module | None,
            checkpoint: Path, output_dir: str | Path, script: str, method: str, epochs: int | str = "",
            latency_ms: float | None = None, stats: dict | None = None, report_dir: Path | None = None,
-           file_bytes: int | None = None) -> dict:
+           file_bytes: int | None = None, point: OperatingPoint | None = None) -> dict:
     """Write the test report into ``run_dir`` (or ``report_dir``) and append the results row; returns the row.
 
     Cost figures come from ``model_for_cost`` (FP32 eager) unless ``stats``/``latency_ms``
     are given (quantised or exported artifacts measure themselves). ``report_dir`` keeps the
     reports of several methods of one run apart (e.g. ``<run>/ptq``, ``<run>/qat``). ``file_bytes`` is the size
     of an artifact stored as several files (an OpenVINO IR's .xml + .bin); default: the size of ``checkpoint``.
+    ``point``: the operating point chosen on validation predictions of the same artifact (None: argmax only).
     """
     num_classes = len(bundle.class_names)
-    metrics = test_metrics(output, bundle.class_names)
+    metrics = test_metrics(output, bundle.class_names, point)
     fabrics = write_test_report(report_dir or run_dir, output.targets, output.preds, output.probs, bundle.parts["test"].paths,
-                                bundle.class_names, metrics)
+                                bundle.class_names, metrics, point)
     if fabrics:
         log.info("test acc per fabric: %s", "  ".join(f"{fabric} {row['acc']:.3f}" for fabric, row in fabrics.items()))
     img_size = description.img_size
@@ -203,9 +216,18 @@ def record(output: EvalOutput, bundle: DataBundle, description: RunDescription, 
         "test_acc": round(metrics["acc"], 6), "test_loss": round(output.loss, 6), "macro_f1": round(metrics["macro_f1"], 6),
         "defect_recall": round(metrics["defect_recall"], 6), "false_alarm_rate": round(metrics["false_alarm_rate"], 6),
         "latency_ms_1t": round(latency_ms, 4), "checkpoint": str(checkpoint),
+        **({key: round(metrics[key], 6) for key in OPERATING_POINT_COLUMNS} if point else {}),
     }
     append_result(Path(output_dir) / "results.csv", row)
     return row
+
+
+def log_test_row(row: dict, best_epoch: int | None = None) -> None:
+    at_threshold = (f"; at threshold {row['threshold']:.4f}: defect recall {row['op_defect_recall']:.4f}, false alarms "
+                    f"{row['op_false_alarm_rate']:.4f} ± {row['op_false_alarm_se']:.4f}" if "threshold" in row else "")
+    log.info("test acc %.4f  loss %.4f  argmax: defect recall %.4f  false alarms %.4f%s%s", row["test_acc"], row["test_loss"],
+             row["defect_recall"], row["false_alarm_rate"], at_threshold,
+             f"  (best epoch {best_epoch + 1})" if best_epoch is not None else "")
 
 
 def seed_everything(seed: int) -> None:
@@ -255,10 +277,11 @@ def finetune(spec: ModelSpec, bundle: DataBundle, config: RunConfig, runtime: Ru
     row = None
     if runtime.is_main:
         local = Runtime(runtime.device, amp_dtype=runtime.amp_dtype)
+        point = choose_threshold_on_val(test_predictions(net, bundle, description, config, local, "val"), bundle, config, spec.name)
         output = test_predictions(net, bundle, description, config, local)
-        stamp_metrics(best_path, output)
-        row = record(output, bundle, description, run_dir, net, best_path, config.output_dir, script, method, epochs=result.epochs_run)
-        log.info("test acc %.4f  loss %.4f  defect recall %.4f  false alarms %.4f  (best epoch %d)", row["test_acc"],
-                 row["test_loss"], row["defect_recall"], row["false_alarm_rate"], result.best_epoch + 1)
+        stamp_metrics(best_path, output, point)
+        row = record(output, bundle, description, run_dir, net, best_path, config.output_dir, script, method, epochs=result.epochs_run,
+                     point=point)
+        log_test_row(row, result.best_epoch)
     barrier(runtime)
     return run_dir, row

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -74,9 +75,12 @@ def test_benchmark_prints_and_writes_a_row_per_artifact(exported: dict) -> None:
     assert "| onnxruntime-int8 |" in (exported["out"] / "benchmark.md").read_text()
 
 
-def test_torchscript_file_matches_pytorch(exported: dict, trained_run: Path) -> None:
+def test_torchscript_file_matches_pytorch_and_carries_its_threshold(exported: dict, trained_run: Path) -> None:
+    extra = {"deploy_info.json": ""}
     with pytest.warns(FutureWarning):  # torch 2.14 deprecates TorchScript; still the portable PyTorch deploy format
-        scripted = torch.jit.load(str(exported["out"] / "model.torchscript.pt"))
+        scripted = torch.jit.load(str(exported["out"] / "model.torchscript.pt"), _extra_files=extra)
+    point = json.loads(extra["deploy_info.json"])["operating_point"]
+    assert 0 <= point["threshold"] <= 1 and point["budget"] == 0.05
     model = model_from_checkpoint(load_checkpoint(trained_run / "best.pt"))
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():

@@ -16,9 +16,9 @@ from utils.cli import (
     fraction,
     non_negative_float,
     non_negative_int,
+    open_fraction,
     positive_float,
     positive_int,
-    probability,
     random_seed,
     training_batch_size,
     unit_fraction,
@@ -30,7 +30,7 @@ DATA = {"--synthetic-per-class": ("0",), "--synthetic-zoom": ("0.5",), "--img-si
 TRAINING = {"--epochs": ("0",), "--batch-size": ("0", "1"), "--patience": ("0",), "--lr": ("-1", "0", "nan"), "--lr-backbone": ("0",),
             "--weight-decay": ("-0.1", "inf"), "--label-smoothing": ("1",), "--warmup-epochs": ("-1",),
             "--clip-grad-norm": ("0", "-1")}
-RUN = {"--seed": ("-1", str(2**32))}
+RUN = {"--seed": ("-1", str(2**32)), "--false-alarm-budget": ("0", "1", "nan")}
 
 # script: (the other arguments it needs, {numeric flag: out-of-range values}); the guard below keeps this complete.
 SCRIPTS: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]]]] = {
@@ -45,10 +45,12 @@ SCRIPTS: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]]]] = {
                                                   **TRAINING, **RUN}),
     "export.py": (("--checkpoint", "missing.pt"), {"--calibration-images": ("0",), "--runs": ("0",), "--max-drop": ("-1", "nan"),
                                                     **DATA, **RUN}),
-    "predict.py": (("--onnx", "missing.onnx", "missing.jpg"), {"--top-k": ("0",), "--batch-size": ("0",), "--threads": ("0",)}),
+    "predict.py": (("--onnx", "missing.onnx", "missing.jpg"), {"--top-k": ("0",), "--batch-size": ("0",), "--threads": ("0",),
+                                                                "--threshold": ("-0.1", "1.5", "nan")}),
     "compare.py": ((), {"--img-size": ("0",)}),
     "stream.py": (("--onnx", "missing.onnx", "--source", "missing.mp4"),
-                  {"--tile": ("0",), "--stride": ("0",), "--threshold": ("0", "1.5"), "--consecutive": ("0",), "--threads": ("0",)}),
+                  {"--tile": ("0",), "--stride": ("0",), "--threshold": ("-0.1", "1.5", "nan"), "--consecutive": ("0",),
+                   "--threads": ("0",), "--collect-band": ("0", "1", "nan"), "--collect-max": ("0",)}),
     "benchmarks/checkpoint_latency.py": (("missing-runs",), {"--img-size": ("0",), "--threads": ("0",), "--repeats": ("0",)}),
     "benchmarks/onnx_int8.py": (("--checkpoint", "missing.pt"), {"--runs": ("0",), "--calibration-images": ("0",)}),
     "benchmarks/train_throughput.py": ((), {"--img-size": ("0",), "--batch-size": ("0",), "--augment": ("4",), "--batches": ("0",),
@@ -105,7 +107,8 @@ def test_every_numeric_flag_has_a_range_and_a_case(script):
 @pytest.mark.parametrize("validator, text, value", [
     (positive_int, "1", 1), (non_negative_int, "0", 0), (random_seed, "0", 0), (random_seed, str(2**32 - 1), 2**32 - 1),
     (positive_float, "1e-9", 1e-9), (non_negative_float, "0", 0.0), (fraction, "0", 0.0), (fraction, "1", 1.0),
-    (unit_fraction, "0", 0.0), (probability, "1", 1.0), (training_batch_size, "2", 2),
+    (open_fraction, "1e-9", 1e-9),
+    (unit_fraction, "0", 0.0), (training_batch_size, "2", 2),
 ])
 def test_validators_accept_the_ends_of_their_ranges(validator, text, value):
     assert validator(text) == value
@@ -115,7 +118,8 @@ def test_validators_accept_the_ends_of_their_ranges(validator, text, value):
     (positive_int, "-1", "must be a positive integer, got -1"), (non_negative_int, "-1", "must be 0 or a positive integer, got -1"),
     (random_seed, str(2**32), f"must be in [0, {2**32 - 1}], got {2**32}"), (positive_float, "inf", "must be a positive number, got inf"),
     (non_negative_float, "-0.5", "must be 0 or a positive number, got -0.5"), (fraction, "nan", "must be in [0, 1], got nan"),
-    (unit_fraction, "1", "must be in [0, 1), got 1"), (probability, "0", "must be in (0, 1], got 0"),
+    (unit_fraction, "1", "must be in [0, 1), got 1"),
+    (open_fraction, "0", "must be in (0, 1), got 0"), (open_fraction, "1", "must be in (0, 1), got 1"),
     (training_batch_size, "1", "must be at least 2 (BatchNorm trains on batch statistics), got 1"),
 ])
 def test_validators_name_the_range(validator, text, message):

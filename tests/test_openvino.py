@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import openvino as ov
 import pytest
 import torch
@@ -17,7 +18,7 @@ from conftest import ROOT, run_in_fresh_process, run_script
 from test_edge import NO_TORCH
 
 from deploy.edge import METADATA_KEY
-from deploy.onnx_export import PARITY_TOLERANCE, deploy_info
+from deploy.onnx_export import PARITY_TOLERANCE, deploy_info, read_deploy_info
 from deploy.openvino_export import export_openvino, ir_bytes, quantize_openvino
 from deploy.openvino_runtime import compile_ir
 from models.factory import model_from_checkpoint
@@ -145,3 +146,47 @@ def test_export_openvino_scores_records_and_benchmarks_both_irs(exported: dict) 
     assert "OpenVINO INT8 vs PyTorch" in exported["stdout"]
     artifacts = [line.split(",")[0] for line in (out / "benchmark.csv").read_text().splitlines()[1:]]
     assert artifacts == ["pytorch-eager-fp32", "onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-int8"]
+
+
+def _artifact_threshold(path: Path) -> float:
+    """The operating point's threshold read the way the device reads it (ONNX metadata or IR rt_info)."""
+    if path.suffix == ".xml":
+        info = json.loads(ov.Core().read_model(path).get_rt_info([METADATA_KEY]).astype(str))
+    else:
+        info = read_deploy_info(onnx.load(path, load_external_data=False))
+    return info["operating_point"]["threshold"]
+
+
+@pytest.mark.slow
+def test_each_artifact_carries_its_own_threshold_to_predict_and_stream_without_torch(exported: dict, images: Path,
+                                                                                    trained_run: Path) -> None:
+    out = exported["out"]
+    rows = {row["method"]: row for row in read_rows(out / "runs" / "results.csv")}
+    checkpoint_point = load_checkpoint(trained_run / "best.pt")["description"].operating_point
+    assert checkpoint_point is not None and 0 <= checkpoint_point["threshold"] <= 1
+    for method, name in (("onnx-fp32", "model.onnx"), ("onnx-int8", "model.int8.onnx"), ("openvino-fp32", "model.xml"),
+                         ("openvino-int8", "model.int8.xml")):
+        threshold = _artifact_threshold(out / name)
+        assert float(rows[method]["threshold"]) == pytest.approx(threshold, abs=1e-6)
+        assert float(rows[method]["false_alarm_budget"]) == 0.05 and float(rows[method]["op_false_alarm_se"]) >= 0
+        (metrics,) = (out / "runs" / "export").glob(f"*/{method}/metrics.json")
+        assert json.loads(metrics.read_text())["operating_point"]["threshold"] == threshold
+        runtime = "--openvino" if name.endswith(".xml") else "--onnx"
+        for script, args in (("predict.py", [images, "--json"]), ("stream.py", ["--source", images])):
+            done = subprocess.run([sys.executable, "-c", NO_TORCH, str(ROOT / script), runtime, str(out / name), *map(str, args)],
+                                  cwd=ROOT, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr
+            assert "carries no defect threshold" not in done.stderr
+            if script == "predict.py":
+                verdicts = [(p["defect_score"], p["defect"]) for p in json.loads(done.stdout)]
+            else:
+                verdicts = [(line["defect_probability"], line["verdict"] == "defect") for line in map(json.loads, done.stdout.splitlines())]
+            assert len(verdicts) == len(list(images.iterdir()))
+            assert all(defect == (score >= threshold) for score, defect in verdicts), (method, script, threshold, verdicts)
+
+
+def test_threshold_flag_overrides_the_stored_one(onnx_file: Path, images: Path, capsys: pytest.CaptureFixture) -> None:
+    for threshold, expected in (("0", True), ("1", False)):
+        assert run_script("predict.py", "--onnx", onnx_file, images, "--json", "--threshold", threshold) == 0
+        predictions = json.loads(capsys.readouterr().out)
+        assert all(p["defect"] is expected and (p["class"] != "Normal") is expected for p in predictions)

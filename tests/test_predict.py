@@ -11,6 +11,8 @@ import pytest
 from conftest import SAMPLES, run_script
 from PIL import Image
 
+from utils.checkpoint import load_checkpoint
+
 
 @pytest.fixture(scope="module")
 def image_folder(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -33,10 +35,11 @@ def test_json_lists_every_readable_image_and_warns_about_the_corrupt_one(trained
     rows = json.loads(captured.out)  # stdout is nothing but the JSON array
     assert sorted(Path(r["path"]).name for r in rows) == sorted(["gray.png", "rgba.png",
                                                                  *(p.name for p in (image_folder / "line1").iterdir())])
+    threshold = load_checkpoint(trained_run / "best.pt")["description"].operating_point["threshold"]
     for row in rows:
-        assert set(row) == {"path", "class", "confidence", "defect"}
+        assert set(row) == {"path", "class", "confidence", "defect", "defect_score"}
         assert isinstance(row["class"], str) and 0 <= row["confidence"] <= 1 and isinstance(row["defect"], bool)
-        assert row["defect"] == (row["class"] != "Normal")
+        assert row["defect"] == (row["class"] != "Normal") == (row["defect_score"] >= threshold)
     assert "broken.jpg" in captured.err and "notes.txt" not in captured.err
 
 
@@ -48,7 +51,9 @@ def test_onnx_alone_gives_the_checkpoint_predictions_with_top_k_and_csv(trained_
         results[source[0]] = json.loads(capsys.readouterr().out)
     for torch_row, onnx_row in zip(results["--checkpoint"], results["--onnx"]):
         assert torch_row["class"] == onnx_row["class"] and abs(torch_row["confidence"] - onnx_row["confidence"]) < 1e-4
-        assert len(onnx_row["top_k"]) == 3 and onnx_row["top_k"][0]["class"] == onnx_row["class"]
+        assert abs(torch_row["defect_score"] - onnx_row["defect_score"]) < 1e-4 and torch_row["defect"] == onnx_row["defect"]
+        # the verdict names the class: the most likely one, or the most likely defect where the threshold flags a Normal top-1
+        assert len(onnx_row["top_k"]) == 3 and onnx_row["top_k"][0]["confidence"] >= onnx_row["confidence"]
     with open(tmp_path / "p.csv", newline="") as handle:
         assert len(list(csv.DictReader(handle))) == len(results["--onnx"])
 

@@ -13,7 +13,8 @@ from utils.distributed import Runtime
 from utils.results import COLUMNS, ResultsFileError, append_result, check_results_file, read_results, read_rows
 
 HEADER = ",".join(COLUMNS)
-GOOD = "a,2026-01-01T00:00:00,main,fp32,m,,False,synthetic,0,32,1,0,10,100,1.0,0.1,0.2,0.9,0.3,0.8,0.7,0.1,1.5,runs/a/best.pt"
+GOOD = "a,2026-01-01T00:00:00,main,fp32,m,,False,synthetic,0,32,1,0,10,100,1.0,0.1,0.2,0.9,0.3,0.8,0.7,0.1,1.5,runs/a/best.pt," \
+       "0.05,0.42,0.95,0.04,0.02"
 
 # (file text, line the error names, words the error says)
 DAMAGED = {

@@ -21,6 +21,7 @@ from deploy.edge import METADATA_KEY, EdgeClassifier
 from deploy.sources import CaptureSource, SourceError
 from deploy.stream import Debouncer, Inspector, Outputs, Settings, Summary, run
 from deploy.tiling import Box, GeometryError, parse_roi, tile_boxes
+from utils.operating_point import OperatingPoint
 
 SIZE = 32
 DARK, BRIGHT = 40, 220
@@ -28,8 +29,9 @@ DEFECT_FRAMES = {3, 4, 5, 9, 14, 15, 16, 17}  # runs of 3, 1 and 4 defective fra
 FRAMES = 20
 
 
-def stub_model(path: Path, classes: tuple[str, ...] = ("Normal", "Broken stitch")) -> Path:
-    """logits = [-d, d] with d = 8 * mean(normalised input): bright tiles are 'Broken stitch', dark ones 'Normal'."""
+def stub_model(path: Path, classes: tuple[str, ...] = ("Normal", "Broken stitch"), threshold: float | None = 0.5) -> Path:
+    """logits = [-d, d] with d = 8 * mean(normalised input): bright tiles are 'Broken stitch', dark ones 'Normal'; the
+    stored threshold 0.5 decides as argmax does (None: metadata as written before operating points)."""
     nodes = [
         helper.make_node("ReduceMean", ["input"], ["mean"], axes=[1, 2, 3], keepdims=0),
         helper.make_node("Mul", ["mean", "gain"], ["d"]),
@@ -44,6 +46,8 @@ def stub_model(path: Path, classes: tuple[str, ...] = ("Normal", "Broken stitch"
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     info = {"model": "stub", "class_names": list(classes), "img_size": SIZE, "mean": [0.5] * 3, "std": [0.5] * 3}
+    if threshold is not None:
+        info["operating_point"] = OperatingPoint(threshold, 0.05, 1.0, 0.0, 20, 20).to_dict()
     helper.set_model_props(model, {METADATA_KEY: json.dumps(info)})
     onnx.save(model, path)
     return path
@@ -239,6 +243,18 @@ def test_bad_input_is_one_error_line(stub: Path, video: Path, args: list[str], m
 
 
 def test_bad_flags_are_refused_before_any_work(stub: Path, capsys: pytest.CaptureFixture) -> None:
-    for flags in (["--roi", "1,2,3"], ["--threshold", "0"], ["--consecutive", "0"], ["--tile", "-4"]):
+    for flags in (["--roi", "1,2,3"], ["--threshold", "-0.1"], ["--consecutive", "0"], ["--tile", "-4"]):
         assert run_script("stream.py", "--onnx", stub, "--source", "0", *flags) == 2
         assert "argument" in capsys.readouterr().err
+
+
+def test_a_model_without_a_stored_threshold_decides_by_argmax_and_says_so_once(video: Path, tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    old = stub_model(tmp_path / "old.onnx", threshold=None)
+    assert run_script("stream.py", "--onnx", old, "--source", video) == 0
+    captured = capsys.readouterr()
+    lines = json_lines(captured.out)
+    assert [line["frame"] for line in lines if line["verdict"] == "defect"] == sorted(DEFECT_FRAMES)
+    assert captured.err.count("carries no defect threshold") == 1 and "argmax verdicts" in captured.err
+    assert run_script("stream.py", "--onnx", old, "--source", video, "--threshold", "1") == 0
+    assert not [line for line in json_lines(capsys.readouterr().out) if line["verdict"] == "defect"]

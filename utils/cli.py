@@ -60,9 +60,9 @@ def fraction(text: str) -> float:
     return _in_range(value, 0 <= value <= 1, "in [0, 1]", text)
 
 
-def probability(text: str) -> float:
+def open_fraction(text: str) -> float:
     value = float(text)
-    return _in_range(value, 0 < value <= 1, "in (0, 1]", text)
+    return _in_range(value, 0 < value < 1, "in (0, 1)", text)
 
 
 def unit_fraction(text: str) -> float:

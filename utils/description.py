@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from utils.errors import UserError
+from utils.operating_point import OperatingPoint, OperatingPointError
 
 SCHEMA = 2
 
@@ -61,6 +62,7 @@ class RunDescription:
     val_loss: float | None = None
     val_acc: float | None = None
     metrics: dict[str, float] | None = None
+    operating_point: dict[str, Any] | None = None  # utils.operating_point.OperatingPoint: the defect threshold and its budget
     # optional sections written by the compression scripts
     pruned: dict[str, Any] | None = None  # prune.py: settings, base FLOPs, channel architecture
     quantization: dict[str, Any] | None = None  # quantization-train.py: backend, mode, observers, FP32 shapes
@@ -113,6 +115,11 @@ class RunDescription:
                 raise DescriptionError(f"{name} must be three numbers, got {values!r}")
         if self.alpha is not None:
             _expect("alpha", self.alpha, int | float)
+        if self.operating_point is not None:
+            try:
+                OperatingPoint.from_dict(self.operating_point)
+            except OperatingPointError as error:
+                raise DescriptionError(f"field 'operating_point': {error}") from None
         for name in ("split", "args", "metrics", "pruned", "quantization", "teacher"):
             value = getattr(self, name)
             if value is not None:

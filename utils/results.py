@@ -20,7 +20,11 @@ COLUMNS = (
     "run_id", "date", "script", "method", "model", "alpha", "pretrained", "dataset", "augment",
     "img_size", "epochs", "seed", "params", "flops", "flops_pct_mobilenetv1", "size_mb", "file_mb",
     "test_acc", "test_loss", "macro_f1", "defect_recall", "false_alarm_rate", "latency_ms_1t", "checkpoint",
+    # the operating point: the threshold chosen on validation images for the false-alarm budget, and the test split's
+    # defect recall and false alarms at it (with the binomial SE of the latter); the argmax columns above are unchanged
+    "false_alarm_budget", "threshold", "op_defect_recall", "op_false_alarm_rate", "op_false_alarm_se",
 )
+OPERATING_POINT_COLUMNS = COLUMNS[-5:]
 REQUIRED_COLUMNS = ("model", "test_acc", "flops")  # in every schema so far: what makes a CSV a results table
 FIX = "fix or delete that line, or move the file away"
 
@@ -140,7 +144,7 @@ def append_result(path: Path | str, row: dict) -> None:
 
 
 SUMMARY_COLUMNS = ("model", "method", "dataset", "params", "flops", "test_acc", "macro_f1", "defect_recall", "false_alarm_rate",
-                   "latency_ms_1t")
+                   "threshold", "op_defect_recall", "op_false_alarm_rate", "latency_ms_1t")
 
 
 def print_table(rows: list[dict], columns: tuple[str, ...] = SUMMARY_COLUMNS) -> None:
