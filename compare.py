@@ -1,6 +1,7 @@
 """One table of accuracy against cost across every run and compression method, with Pareto frontiers.
 
 Results:  python compare.py runs/results.csv more/results.csv --best-per best --markdown table.md --plot pareto.png
+Recall:   python compare.py runs/results.csv --plot-recall recall.png   (defect recall at each run's operating point)
 Zoo:      python compare.py --zoo seed --img-size 224        (static costs of the published table's 40 models)
 """
 from __future__ import annotations
@@ -19,9 +20,11 @@ from engine.comparison import (
     frontier_labels,
     load_results,
     markdown_table,
+    operating_point_rows,
     parse_filters,
     plot_format,
     plot_pareto,
+    plot_recall,
     select_rows,
     sort_rows,
     table_cells,
@@ -41,7 +44,7 @@ FRONTIER_NOTE = (f"{FRONTIER_COLUMN}: no row of the same dataset is both cheaper
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Merge results.csv files into one accuracy-vs-cost table (the published StitchingNet-Finetuning "
-                    "columns plus method, dataset, file size, latency, macro F1, defect recall), mark the Pareto "
+                    "columns plus method, dataset, file size, latency, macro F1, defect recall, operating point), mark the Pareto "
                     "frontiers, write markdown/CSV and plots; or list static model costs with --zoo.",
         epilog="Example: python compare.py runs/results.csv --dataset synthetic --best-per best --markdown table.md --plot pareto.png",
     )
@@ -64,15 +67,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--csv", metavar="FILE", help="write the shown rows in the results.csv schema")
     parser.add_argument("--plot", metavar="FILE.png",
                         help="plot accuracy vs FLOPs, 1-thread latency and file size (one row of panels per dataset)")
+    parser.add_argument("--plot-recall", metavar="FILE.png",
+                        help="plot each row's test defect recall at its operating point beside its false-alarm rate "
+                             "(± SE) and budget, one pair of panels per dataset; rows without one are left out")
     return parser
 
 
 def main(args: argparse.Namespace) -> None:
     if args.plot:
         plot_format(args.plot)
+    if args.plot_recall:
+        plot_format(args.plot_recall, "--plot-recall")
     if args.zoo is not None:
-        if args.results or args.plot:
-            raise CompareError("--zoo lists static costs only: drop the results files and --plot, or drop --zoo")
+        if args.results or args.plot or args.plot_recall:
+            raise CompareError("--zoo lists static costs only: drop the results files, --plot and --plot-recall, or drop --zoo")
         rows = sort_rows(zoo_rows(args.zoo, args.img_size), "flops")
         header, cells = table_cells(rows, ZOO_COLUMNS)
         note = "FLOPs: fvcore, batch 1, 11 classes (same code as main.py --stats-only); size: FP32 params x 4 B."
@@ -88,6 +96,7 @@ def main(args: argparse.Namespace) -> None:
         if args.best_per:
             rows = best_per(rows, args.best_per)
         rows = sort_rows(rows, args.sort)
+        recall_rows = operating_point_rows(rows) if args.plot_recall else []
         header, cells = table_cells(rows, RESULT_COLUMNS, extra={FRONTIER_COLUMN: frontier_labels(rows)})
         note = FRONTIER_NOTE
     table = markdown_table(header, cells)
@@ -98,7 +107,9 @@ def main(args: argparse.Namespace) -> None:
         write_csv(args.csv, rows)
     if args.plot:
         plot_pareto(rows, args.plot)
-    written = [path for path in (args.markdown, args.csv, args.plot) if path]
+    if args.plot_recall:
+        plot_recall(recall_rows, args.plot_recall)
+    written = [path for path in (args.markdown, args.csv, args.plot, args.plot_recall) if path]
     if written:
         log.info("wrote %s", ", ".join(written))
 

@@ -25,7 +25,7 @@ from models.factory import create_model, resolve_model  # noqa: E402
 from models.stats import model_stats  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.io import atomic_open, atomic_path  # noqa: E402
-from utils.results import COLUMNS, read_results  # noqa: E402
+from utils.results import COLUMNS, OPERATING_POINT_COLUMNS, read_results  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class CompareError(UserError):
 
 
 NUMERIC_COLUMNS = ("params", "flops", "flops_pct_mobilenetv1", "size_mb", "file_mb", "test_acc", "test_loss",
-                   "macro_f1", "defect_recall", "latency_ms_1t")
+                   "macro_f1", "defect_recall", "latency_ms_1t") + OPERATING_POINT_COLUMNS
 SORT_KEYS = {"flops": ("flops", False), "acc": ("test_acc", True), "latency": ("latency_ms_1t", False), "size": ("file_mb", False)}
 FRONTIER_COSTS = {"FLOPs": "flops", "latency": "latency_ms_1t"}
 FRONTIER_COLUMN = "Pareto front"
@@ -207,6 +207,12 @@ RESULT_COLUMNS: tuple[tuple[str, str, Callable[[float], str] | None], ...] = (
     ("1-thread latency(ms)", "latency_ms_1t", _fixed(2)),
     ("macro F1", "macro_f1", _fixed(4)),
     ("defect recall", "defect_recall", _percent(100, 2)),
+    # the operating point (blank in rows from before it): test figures at the threshold chosen on validation images
+    ("FA budget", "false_alarm_budget", _percent(100, 1)),
+    ("threshold", "threshold", _fixed(4)),
+    ("op recall", "op_defect_recall", _percent(100, 2)),
+    ("op false alarms", "op_false_alarm_rate", _percent(100, 2)),
+    ("op FA SE", "op_false_alarm_se", _percent(100, 2)),
 )
 ZOO_COLUMNS = tuple(spec for spec in RESULT_COLUMNS
                     if spec[1] in ("model", "flops", "flops_pct_mobilenetv1", "size_mb", "params", "img_size"))
@@ -293,11 +299,11 @@ def point_label(row: dict) -> str:
     return row["model"] if row["method"] in ("", "fp32") else f"{row['model']} ({row['method']})"
 
 
-def plot_format(path: Path | str) -> str:
+def plot_format(path: Path | str, flag: str = "--plot") -> str:
     """matplotlib's format name for the file's suffix; checked before anything is written."""
     fmt = Path(path).suffix.lstrip(".").lower()
     if fmt not in FigureCanvasBase.get_supported_filetypes():
-        raise CompareError(f"--plot '{path}': unknown image type '.{fmt}'; use .png, .svg or .pdf")
+        raise CompareError(f"{flag} '{path}': unknown image type '.{fmt}'; use .png, .svg or .pdf")
     return fmt
 
 
@@ -345,3 +351,81 @@ def _plot_panel(ax, rows: list[dict], cost: str, markers: dict, colours: dict) -
                     bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.75}, zorder=4)
     ax.set_xscale("log")
     ax.grid(True, which="both", alpha=0.25)
+
+
+def operating_point_rows(rows: list[dict]) -> list[dict]:
+    """The rows --plot-recall can draw: those with a test defect recall at an operating point. Older rows (and
+    argmax-only ones) are left out with one info line; none at all is an error, raised before anything is written."""
+    kept = [row for row in rows if number(row, "op_defect_recall") is not None]
+    if not kept:
+        raise CompareError(f"--plot-recall: none of the {len(rows)} row(s) has an op_defect_recall (rows from before "
+                           "operating points, or a split without defective images); train with --false-alarm-budget "
+                           "or drop --plot-recall")
+    if len(kept) < len(rows):
+        log.info("--plot-recall: %d of %d row(s) have no operating point (no op_defect_recall: older results) and are "
+                 "left out", len(rows) - len(kept), len(rows))
+    return kept
+
+
+def recall_label(row: dict) -> str:
+    """'model (method), budget 5%': rows with different budgets are different operating points of one model."""
+    budget = number(row, "false_alarm_budget")
+    return point_label(row) + (f", budget {100 * budget:g}%" if budget is not None else "")
+
+
+def plot_recall(rows: list[dict], path: Path | str) -> None:
+    """Per dataset, test defect recall at the operating point (bars) beside its false-alarm rate (± SE) and budget.
+
+    ``rows`` come from operating_point_rows. Each dataset is its own pair of panels (recall_groups' order): a recall
+    bought with a larger budget is listed apart from one within a smaller budget.
+    """
+    path = Path(path)
+    fmt = plot_format(path, "--plot-recall")
+    groups = recall_groups(rows)
+    heights = [1.6 + 0.32 * len(group) for _, group in groups]
+    fig, axes = plt.subplots(len(groups), 2, figsize=(13, sum(heights)), squeeze=False, sharey="row",
+                             gridspec_kw={"height_ratios": heights, "width_ratios": (3, 2)})
+    for (recall_ax, alarm_ax), (dataset, group) in zip(axes, groups):
+        _recall_panel(recall_ax, group)
+        _false_alarm_panel(alarm_ax, group)
+        recall_ax.set_title(f"{dataset or 'unknown'} data: defect recall at the operating point", fontsize=10)
+        alarm_ax.set_title(f"{dataset or 'unknown'} data: false alarms at it (budget: grey bar)", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=110)
+    plt.close(fig)
+
+
+def recall_groups(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """(dataset, its rows) in dataset order; within one, by budget (blank last) and then recall, best first."""
+    def order(row: dict) -> tuple:
+        budget = number(row, "false_alarm_budget")
+        return budget is None, budget or 0.0, -(number(row, "op_defect_recall") or 0.0)
+    return [(dataset, sorted((row for row in rows if row["dataset"] == dataset), key=order))
+            for dataset in sorted({row["dataset"] for row in rows})]
+
+
+def _recall_panel(ax, rows: list[dict]) -> None:
+    positions = range(len(rows))
+    recalls = [100 * (number(row, "op_defect_recall") or 0.0) for row in rows]
+    ax.barh(positions, recalls, color="tab:red", alpha=0.75, height=0.6)
+    for y, value in zip(positions, recalls):
+        ax.text(min(value, 100) + 1, y, f"{value:.1f}%", va="center", fontsize=7)
+    ax.set_yticks(list(positions), [recall_label(row) for row in rows], fontsize=8)
+    ax.set_ylim(len(rows) - 0.5, -0.5)  # first row on top; fixed limits keep a lone bar as thin as the others
+    ax.set_xlim(0, 112)  # room for the value labels
+    ax.set_xlabel("test defect recall at the threshold (%)")
+    ax.grid(True, axis="x", alpha=0.25)
+
+
+def _false_alarm_panel(ax, rows: list[dict]) -> None:
+    """The test false-alarm rate with its binomial SE, and the budget it was chosen for on validation images."""
+    for y, row in enumerate(rows):
+        rate, se, budget = (number(row, column) for column in ("op_false_alarm_rate", "op_false_alarm_se", "false_alarm_budget"))
+        if budget is not None:
+            ax.plot(100 * budget, y, marker="|", markersize=14, markeredgewidth=3, color="grey", alpha=0.6, zorder=2)
+        if rate is not None:
+            ax.errorbar(100 * rate, y, xerr=None if se is None else 100 * se, fmt="o", color="tab:blue", capsize=3, zorder=3)
+    ax.set_xlim(left=0)
+    ax.set_xlabel("test false-alarm rate at the threshold (%), ± SE")
+    ax.grid(True, axis="x", alpha=0.25)

@@ -15,6 +15,7 @@ from sklearn.metrics import classification_report, confusion_matrix, precision_r
 
 from data.scan import fabric_of  # noqa: E402
 from data.stitchingnet import normal_index  # noqa: E402
+from engine.curves import plot_operating_point  # noqa: E402
 from utils.io import atomic_open, atomic_path, save_json  # noqa: E402
 from utils.operating_point import OperatingPoint, OperatingPointError, binomial_se, choose_threshold, defect_scores, rates_at  # noqa: E402
 
@@ -89,11 +90,19 @@ def per_fabric_metrics(targets: np.ndarray, preds: np.ndarray, paths: list[str],
 
 def write_test_report(out_dir: Path, targets: np.ndarray, preds: np.ndarray, probs: np.ndarray, paths: list[str], class_names: list[str],
                       metrics: dict, point: OperatingPoint | None = None) -> dict[str, dict]:
-    """metrics.json (with ``per_fabric`` and the ``operating_point``), per_fabric.csv, classification_report.txt,
+    """metrics.json (with ``per_fabric``, the ``operating_point`` and the defect-vs-Normal AUROC and average precision),
+    operating_point.png (ROC, precision-recall, score histograms), per_fabric.csv, classification_report.txt,
     confusion_matrix.csv/.png, misclassified.csv; returns the per-fabric table."""
     labels = list(range(len(class_names)))
     fabrics = per_fabric_metrics(targets, preds, paths, class_names)
-    save_json({**metrics, "operating_point": point.to_dict() if point else None, "per_fabric": fabrics}, out_dir / "metrics.json")
+    normal = normal_index(class_names)
+    separation = {}
+    if normal is not None:
+        separation = plot_operating_point(defect_scores(probs, normal), targets != normal, point.threshold if point else None,
+                                          point.budget if point else None, out_dir / "operating_point.png",
+                                          f"test split, {len(targets)} images")
+    save_json({**metrics, **separation, "operating_point": point.to_dict() if point else None, "per_fabric": fabrics},
+              out_dir / "metrics.json")
     if fabrics:
         with atomic_open(out_dir / "per_fabric.csv", newline="") as handle:
             writer = csv.writer(handle)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import run_script
 
-from engine.comparison import best_per, frontier_labels, load_results, pareto_front, sort_rows
-from utils.results import COLUMNS
+from engine.comparison import best_per, frontier_labels, load_results, operating_point_rows, pareto_front, recall_groups, sort_rows
+from utils.results import COLUMNS, OPERATING_POINT_COLUMNS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -92,7 +92,7 @@ def test_markdown_table_plot_and_csv(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert header[:7] == ["Model Name", "total FLOPs", "FLOPs (% of MobileNetV1)", "Test Accuracy", "Test Loss",
                           "model size(MB)", "total params"]
     assert header[7:] == ["method", "dataset", "augment", "img size", "file size(MB)", "1-thread latency(ms)", "macro F1",
-                          "defect recall", "Pareto front"]
+                          "defect recall", "FA budget", "threshold", "op recall", "op false alarms", "op FA SE", "Pareto front"]
     assert rule[1].endswith(":") and rule[0].startswith(":")  # numbers right-aligned, names left
     assert rows[0][:9] == ["resnet18", "1,818,559,488", "7.76%", "99.451%", "0.05287", "2.3420", "613,947", "prune", "synthetic"]
     assert rows[1][:4] == ["lcnet_050", "45,998,976", "7.76%", "98.764%"] and rows[1][-1] == "FLOPs+latency"
@@ -175,3 +175,46 @@ def test_damaged_results_file_is_one_error_naming_file_and_line(damage: str, lin
     captured = capsys.readouterr()
     assert captured.err.strip() == f"error: results file '{path}' line {line}: {words}; fix or delete that line, or move the file away"
     assert captured.out == "" and not table.exists() and not merged.exists()
+
+
+def operating_point(budget: float, recall: float, false_alarms: float, se: float) -> dict:
+    return {"false_alarm_budget": budget, "threshold": 0.4321, "op_defect_recall": recall,
+            "op_false_alarm_rate": false_alarms, "op_false_alarm_se": se}
+
+
+def test_plot_recall_draws_rows_with_an_operating_point_and_leaves_out_older_ones(tmp_path: Path,
+                                                                                  capsys: pytest.CaptureFixture) -> None:
+    new = write_results(tmp_path / "new.csv", [
+        result("lcnet_050", 46_000_000, 0.98, 3.0, **operating_point(0.05, 0.90, 0.04, 0.01)),
+        result("lcnet_050", 46_000_000, 0.97, 1.5, method="qat", **operating_point(0.05, 0.975, 0.06, 0.012)),
+        result("lcnet_050", 46_000_000, 0.98, 3.0, date="2026-02-01T00:00:00", **operating_point(0.01, 0.99, 0.008, 0.004)),
+        result("tiny", 1_000_000, 0.6, 0.4, dataset="real", **operating_point(0.05, 0.5, 0.05, 0.02)),
+        result("argmax_only", 2_000_000, 0.9, 1.0),  # new schema, operating-point columns blank
+    ])
+    old_columns = tuple(c for c in COLUMNS if c not in OPERATING_POINT_COLUMNS)
+    old = write_results(tmp_path / "old.csv", [result("resnet18", 1_800_000_000, 0.99, 40.0)], columns=old_columns)
+    plot = tmp_path / "recall.png"
+    assert run_script("compare.py", new, old, "--plot-recall", plot) == 0
+    captured = capsys.readouterr()
+    assert plot.read_bytes()[:8] == PNG_SIGNATURE
+    assert "--plot-recall: 2 of 6 row(s) have no operating point" in captured.out  # one info line for both
+    assert captured.out.count("no operating point") == 1 and captured.err == ""
+    cells = {(line.split("|")[1].strip(), line.split("|")[8].strip()): [c.strip() for c in line.split("|")[1:-1]]
+             for line in captured.out.splitlines() if line.startswith("| ") and "Model Name" not in line}
+    assert cells[("lcnet_050", "qat")][-6:-1] == ["5.0%", "0.4321", "97.50%", "6.00%", "1.20%"]
+    assert cells[("resnet18", "fp32")][-6:-1] == [""] * 5  # the older row: blank, not an error
+
+    rows = operating_point_rows(load_results([new, old]))
+    groups = recall_groups(rows)
+    assert [dataset for dataset, _ in groups] == ["real", "synthetic"]  # never one ranking across datasets
+    assert [(r["method"], r["false_alarm_budget"]) for r in groups[1][1]] == [("fp32", "0.01"), ("qat", "0.05"), ("fp32", "0.05")]
+
+
+def test_plot_recall_without_any_operating_point_is_one_error_before_writing(tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture) -> None:
+    path = write_results(tmp_path / "r.csv", [result("m", 100, 0.9, 1.0)])
+    table, plot = tmp_path / "table.md", tmp_path / "recall.png"
+    assert run_script("compare.py", path, "--markdown", table, "--plot-recall", plot) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: --plot-recall: none of the 1 row(s) has an op_defect_recall")
+    assert len(captured.err.splitlines()) == 1 and captured.out == "" and not table.exists() and not plot.exists()
