@@ -2,6 +2,7 @@
 
 Single process:  python main.py --model mobilenetv3_small --alpha 0.75 --augment 1 --epochs 100
 Distributed:     torchrun --nproc_per_node 2 main.py --model lcnet_050 ...
+From the line:   python main.py --init runs/main/<run>/best.pt --add-data reviewed/ <the run's data flags>
 """
 from __future__ import annotations
 
@@ -9,14 +10,17 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from engine.config import RunConfig
 from engine.flags import add_data_args, add_model_args, add_run_args, add_training_args
 from engine.run import DEFAULT_IMG_SIZE, finetune, prepare_data
-from models.factory import ModelSpec, create_model, resolve_model
+from models.factory import ModelSpec, create_model, model_from_checkpoint, resolve_model
 from models.stats import model_stats
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.cli import run_cli
 from utils.distributed import cleanup, setup_runtime
+from utils.errors import UserError
 from utils.results import print_table
 
 # Kept from the command line on resume; everything else (workers too: they shape the augmentation streams) comes from the checkpoint.
@@ -32,7 +36,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stats-only", action="store_true",
                         help="no training: print one JSON line per model with params, size_mb and fvcore FLOPs")
     parser.add_argument("--resume", metavar="LAST_PT", help="continue a stopped run from its last.pt, exactly where it stopped")
+    parser.add_argument("--init", metavar="BEST_PT",
+                        help="start a new run from a trained checkpoint (best.pt of main.py, prune.py or distill.py): its "
+                             "architecture and weights, its image size unless --img-size is given; the data must have its "
+                             "classes. With --add-data: retrain the line's model on its reviewed frames")
     add_data_args(parser)
+    parser.add_argument("--add-data", metavar="DIR", action="append",
+                        help="a folder of labelled images in <class>/<image> (or StitchingNet) layout, e.g. a reviewed "
+                             "stream.py --collect folder, added to the training split only: validation and test stay "
+                             "the data's own, so the figures compare with a run without it; repeatable; results are "
+                             "labelled dataset=<data>+added")
     add_training_args(parser)
     add_run_args(parser)
     return parser
@@ -45,7 +58,31 @@ def print_stats(specs: list[ModelSpec], img_size: int, num_classes: int = 11) ->
         print(json.dumps({"model": spec.name, "alpha": spec.alpha, "img_size": img_size, **stats}))
 
 
+def load_init(args: argparse.Namespace) -> dict:
+    """The --init checkpoint, refused in one line where it cannot start a new run."""
+    init = load_checkpoint(args.init)
+    stored = init["description"]
+    if stored.quantization is not None:
+        raise CheckpointError(f"--init '{args.init}' is an INT8 checkpoint: start from the FP32 best.pt it was made from")
+    default = get_args_parser().get_default("model")
+    if (args.model, args.alpha) != (default, None) and resolve_model(args.model, args.alpha).name != stored.model:
+        raise UserError(f"--model {args.model}: --init '{args.init}' is a {stored.model}; the architecture comes from "
+                        "the checkpoint, drop --model/--alpha")
+    return init
+
+
+def start_from(init: dict, class_names: list[str], path: str) -> tuple[tuple[torch.nn.Module, bool], dict]:
+    """(the checkpoint's model, trained weights) and the description sections that rebuild its architecture."""
+    stored = init["description"]
+    if list(stored.class_names) != list(class_names):
+        raise CheckpointError(f"--init '{path}' was trained on the classes {stored.class_names}, the data has "
+                              f"{class_names}: --init needs the same classes (use --weights for a new classifier)")
+    return (model_from_checkpoint(init), True), {"pruned": stored.pruned, "extra": stored.extra}
+
+
 def main(args: argparse.Namespace) -> None:
+    if args.init and (args.resume or args.weights):
+        raise UserError("--init starts a new run from a checkpoint's weights: drop --resume and --weights")
     flags = vars(args)
     if args.resume:
         checkpoint = load_checkpoint(args.resume)
@@ -58,6 +95,12 @@ def main(args: argparse.Namespace) -> None:
         stored, checkpoint = None, None
         specs = [resolve_model(name.strip(), args.alpha) for name in args.model.split(",") if name.strip()]
     config = RunConfig.from_flags(flags)
+    init = None
+    if args.init:
+        init = load_init(args)
+        init_description = init["description"]
+        specs = [ModelSpec(init_description.model, init_description.family, init_description.alpha)]
+        config = config.with_data(img_size=config.data.img_size or init_description.img_size)
     if flags.get("stats_only"):
         print_stats(specs, config.data.img_size or DEFAULT_IMG_SIZE)
         return
@@ -67,7 +110,10 @@ def main(args: argparse.Namespace) -> None:
         rows = []
         for spec in specs:
             resume_dir = Path(args.resume).parent if checkpoint else None
-            _, row = finetune(spec, bundle, config, runtime, resume=checkpoint, resume_dir=resume_dir)
+            start = sections = None
+            if init is not None:
+                start, sections = start_from(init, bundle.class_names, args.init)
+            _, row = finetune(spec, bundle, config, runtime, resume=checkpoint, resume_dir=resume_dir, start=start, sections=sections)
             rows.append(row)
         if runtime.is_main:
             print_table(rows)

@@ -10,9 +10,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from data.images import load_images
-from data.scan import DatasetError, scan_dataset
+from data.scan import DatasetError, class_name_of, scan_dataset
 from data.splits import make_split, select_fabrics
-from data.stitchingnet import normal_index
+from data.stitchingnet import normal_index, normalise_name
 from data.transforms import Preprocess
 from utils.description import SyntheticSource
 
@@ -57,10 +57,14 @@ def load_data(
     class_names: list[str] | None = None,
     progress: bool = True,
     fabrics: list[str] | None = None,
+    added: list[str] | None = None,
 ) -> DataBundle:
     """Scan, decode and split. A given ``split`` (e.g. from a checkpoint) is reused exactly.
 
     ``fabrics`` keeps only those fabrics; ``dataset`` is labelled with them, e.g. ``real-fabrics-ABJ``.
+    ``added``: folders of labelled images (e.g. a reviewed ``stream.py --collect`` folder) that join the training
+    split only, after the split is made, so validation and test stay the main data's and the split is the one a
+    run without them gets; the split records them (``added``) and the dataset label ends in ``+added``.
     """
     scanned = scan_dataset(root)
     present = sorted({sample.label for sample in scanned.samples})
@@ -75,6 +79,7 @@ def load_data(
             f"the data under '{root}' has classes {scanned.class_names}, but the checkpoint was "
             f"trained on {list(class_names)}: use the data root it was trained on"
         )
+    listing = scan_added(added, scanned.class_names) if added and not (split or {}).get("added") else None  # before decoding
     by_path = {s.path: s for s in scanned.samples}
     if split is None:
         chosen = select_fabrics(scanned.samples, fabrics) if fabrics else scanned.samples  # decode only these
@@ -102,7 +107,43 @@ def load_data(
         parts[name] = CachedImages(images[rows], labels, paths)
     if split.get("fabrics"):  # splits from before --fabrics have no such key
         dataset = f"{dataset}-fabrics-{''.join(split['fabrics'])}"
+    if listing:
+        split = {**split, "added": listing}
+    if split.get("added"):
+        parts["train"] = join_added(parts["train"], split["added"], scanned.class_names, img_size, progress)
+        dataset += "+added"
     return DataBundle(Path(root), dataset, scanned.class_names, split, parts)
+
+
+def scan_added(folders: list[str], class_names: list[str]) -> dict[str, list[str]]:
+    """{absolute folder: its image paths}, every image's class folder one of ``class_names`` (by name)."""
+    keys = {normalise_name(name) for name in class_names}
+    listing = {}
+    for folder in folders:
+        scanned = scan_dataset(folder)
+        unknown = sorted({name for s in scanned.samples if normalise_name(name := class_name_of(s.path)) not in keys})
+        if unknown:
+            raise DatasetError(f"--add-data '{folder}' has images of classes {unknown}, which the data's classes "
+                               f"{class_names} do not include: move them into one of those class folders")
+        listing[str(scanned.root.resolve())] = [s.path for s in scanned.samples]
+    return listing
+
+
+def join_added(train: CachedImages, added: dict[str, list[str]], class_names: list[str], img_size: int,
+               progress: bool) -> CachedImages:
+    """The training images plus the added ones, labelled by their class folder's name."""
+    index = {normalise_name(name): i for i, name in enumerate(class_names)}
+    images, labels, paths = [train.images], [train.labels], list(train.paths)
+    for folder, rel_paths in added.items():
+        decoded, kept = load_images(Path(folder), rel_paths, img_size, progress)
+        if len(kept) < len(rel_paths):
+            log.warning("%d of the %d added images under '%s' could not be read: training without them",
+                        len(rel_paths) - len(kept), len(rel_paths), folder)
+        images.append(decoded)
+        labels.append(np.array([index[normalise_name(class_name_of(rel))] for rel in kept], dtype=np.int64))
+        paths += [f"{folder}/{rel}" for rel in kept]
+    log.info("training on %d images, %d of them added from %s", len(paths), len(paths) - len(train.paths), ", ".join(added))
+    return CachedImages(np.concatenate(images), np.concatenate(labels), paths)
 
 
 def make_loader(

@@ -24,6 +24,7 @@ class DataConfig:
     augment: int = 1
     test_fabrics: list[str] | None = None
     fabrics: list[str] | None = None  # None: every fabric in the data
+    add_data: list[str] | None = None  # labelled folders joined to the training split only (main.py --add-data)
     workers: int = 0
     batch_size: int = 32
 

@@ -77,6 +77,7 @@ def prepare_data(config: RunConfig, runtime: Runtime, stored: RunDescription | N
         root, img_size, config.seed, dataset=synthetic.label if synthetic else "real",
         split=stored.split if stored else None, test_fabrics=config.data.test_fabrics,
         class_names=stored.class_names if stored else None, progress=runtime.is_main, fabrics=config.data.fabrics,
+        added=config.data.add_data,
     )
     bundle.synthetic = synthetic
     return bundle
