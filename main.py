@@ -37,15 +37,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="no training: print one JSON line per model with params, size_mb and fvcore FLOPs")
     parser.add_argument("--resume", metavar="LAST_PT", help="continue a stopped run from its last.pt, exactly where it stopped")
     parser.add_argument("--init", metavar="BEST_PT",
-                        help="start a new run from a trained checkpoint (best.pt of main.py, prune.py or distill.py): its "
-                             "architecture and weights, its image size unless --img-size is given; the data must have its "
-                             "classes. With --add-data: retrain the line's model on its reviewed frames")
-    add_data_args(parser)
-    parser.add_argument("--add-data", metavar="DIR", action="append",
-                        help="a folder of labelled images in <class>/<image> (or StitchingNet) layout, e.g. a reviewed "
-                             "stream.py --collect folder, added to the training split only: validation and test stay "
-                             "the data's own, so the figures compare with a run without it; repeatable; results are "
-                             "labelled dataset=<data>+added")
+                        help="start a new run from a trained checkpoint (best.pt of main.py, prune.py or distill.py): "
+                             "its architecture (a pruned one too) and weights, the backbone learning rate of trained "
+                             "weights, its image size unless --img-size is given; the data must have its classes, and "
+                             "its run's --seed (and --fabrics) keep its training images out of validation and test. "
+                             "With --add-data: retrain the line's model on its reviewed frames")
+    add_data_args(parser, add_data=True)
     add_training_args(parser)
     add_run_args(parser)
     return parser
@@ -71,19 +68,17 @@ def load_init(args: argparse.Namespace) -> dict:
     return init
 
 
-def start_from(init: dict, class_names: list[str], path: str) -> tuple[tuple[torch.nn.Module, bool], dict]:
+def start_from(payload: dict) -> tuple[tuple[torch.nn.Module, bool], dict]:
     """(the checkpoint's model, trained weights) and the description sections that rebuild its architecture."""
-    stored = init["description"]
-    if list(stored.class_names) != list(class_names):
-        raise CheckpointError(f"--init '{path}' was trained on the classes {stored.class_names}, the data has "
-                              f"{class_names}: --init needs the same classes (use --weights for a new classifier)")
-    return (model_from_checkpoint(init), True), {"pruned": stored.pruned, "extra": stored.extra}
+    stored = payload["description"]
+    return (model_from_checkpoint(payload), True), {"pruned": stored.pruned, "extra": stored.extra}
 
 
 def main(args: argparse.Namespace) -> None:
     if args.init and (args.resume or args.weights):
         raise UserError("--init starts a new run from a checkpoint's weights: drop --resume and --weights")
     flags = vars(args)
+    start = sections = init = None
     if args.resume:
         checkpoint = load_checkpoint(args.resume)
         if "resume" not in checkpoint:
@@ -91,28 +86,29 @@ def main(args: argparse.Namespace) -> None:
         stored = checkpoint["description"]
         flags = {**stored.args, **{key: flags[key] for key in KEPT_ON_RESUME}}
         specs = [ModelSpec(stored.model, stored.family, stored.alpha)]
+        if stored.args.get("init"):  # an --init run goes on in its checkpoint's architecture, from trained weights
+            start, sections = start_from(checkpoint)
     else:
         stored, checkpoint = None, None
         specs = [resolve_model(name.strip(), args.alpha) for name in args.model.split(",") if name.strip()]
     config = RunConfig.from_flags(flags)
-    init = None
+    if stored is not None:  # an --init run without --img-size has its checkpoint's size
+        config = config.with_data(img_size=config.data.img_size or stored.img_size)
     if args.init:
         init = load_init(args)
         init_description = init["description"]
         specs = [ModelSpec(init_description.model, init_description.family, init_description.alpha)]
+        start, sections = start_from(init)
         config = config.with_data(img_size=config.data.img_size or init_description.img_size)
     if flags.get("stats_only"):
         print_stats(specs, config.data.img_size or DEFAULT_IMG_SIZE)
         return
     runtime = setup_runtime(flags["device"], flags["amp"])
     try:
-        bundle = prepare_data(config, runtime, stored=stored)
+        bundle = prepare_data(config, runtime, stored=stored, init=init["description"] if init else None)
         rows = []
         for spec in specs:
             resume_dir = Path(args.resume).parent if checkpoint else None
-            start = sections = None
-            if init is not None:
-                start, sections = start_from(init, bundle.class_names, args.init)
             _, row = finetune(spec, bundle, config, runtime, resume=checkpoint, resume_dir=resume_dir, start=start, sections=sections)
             rows.append(row)
         if runtime.is_main:

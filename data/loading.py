@@ -10,9 +10,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from data.images import load_images
-from data.scan import DatasetError, class_name_of, scan_dataset
+from data.scan import DatasetError, ScannedDataset, scan_dataset
 from data.splits import make_split, select_fabrics
-from data.stitchingnet import normal_index, normalise_name
+from data.stitchingnet import normal_index
 from data.transforms import Preprocess
 from utils.description import SyntheticSource
 
@@ -64,7 +64,8 @@ def load_data(
     ``fabrics`` keeps only those fabrics; ``dataset`` is labelled with them, e.g. ``real-fabrics-ABJ``.
     ``added``: folders of labelled images (e.g. a reviewed ``stream.py --collect`` folder) that join the training
     split only, after the split is made, so validation and test stay the main data's and the split is the one a
-    run without them gets; the split records them (``added``) and the dataset label ends in ``+added``.
+    run without them gets; the split records them (``added``: {folder: images}) and the dataset label ends in
+    ``+added``. A given split brings its own ``added`` images.
     """
     scanned = scan_dataset(root)
     present = sorted({sample.label for sample in scanned.samples})
@@ -79,7 +80,9 @@ def load_data(
             f"the data under '{root}' has classes {scanned.class_names}, but the checkpoint was "
             f"trained on {list(class_names)}: use the data root it was trained on"
         )
-    listing = scan_added(added, scanned.class_names) if added and not (split or {}).get("added") else None  # before decoding
+    stored_added = (split or {}).get("added")
+    folders = list(stored_added or {}) if split is not None else added or []  # a given split brings its own
+    added_scans = scan_added(folders, scanned.root, scanned.class_names)  # before decoding: a wrong folder fails at once
     by_path = {s.path: s for s in scanned.samples}
     if split is None:
         chosen = select_fabrics(scanned.samples, fabrics) if fabrics else scanned.samples  # decode only these
@@ -96,6 +99,10 @@ def load_data(
         images, kept = load_images(scanned.root, wanted, img_size, progress)
     log.debug("%s: %d images decoded at %d px (%s split, %.0f MiB in RAM)", root, len(kept), img_size,
               "new" if split is None else "stored", images.nbytes / 2**20)
+    extra = None
+    if added_scans:
+        extra, listing = decode_added(added_scans, img_size, progress, stored_added)
+        split = {**split, "added": listing}
     row_of = {p: i for i, p in enumerate(kept)}
     parts = {}
     for name in SPLITS:
@@ -104,46 +111,62 @@ def load_data(
             raise DatasetError(f"the {name} split has {len(paths)} images: add images or change the split shares")
         rows = [row_of[p] for p in paths]
         labels = np.array([by_path[p].label for p in paths], dtype=np.int64)
-        parts[name] = CachedImages(images[rows], labels, paths)
+        if name == "train" and extra is not None:
+            parts[name] = join_added(images, rows, labels, paths, extra)
+        else:
+            parts[name] = CachedImages(images[rows], labels, paths)
     if split.get("fabrics"):  # splits from before --fabrics have no such key
         dataset = f"{dataset}-fabrics-{''.join(split['fabrics'])}"
-    if listing:
-        split = {**split, "added": listing}
-    if split.get("added"):
-        parts["train"] = join_added(parts["train"], split["added"], scanned.class_names, img_size, progress)
+    if extra is not None:
         dataset += "+added"
     return DataBundle(Path(root), dataset, scanned.class_names, split, parts)
 
 
-def scan_added(folders: list[str], class_names: list[str]) -> dict[str, list[str]]:
-    """{absolute folder: its image paths}, every image's class folder one of ``class_names`` (by name)."""
-    keys = {normalise_name(name) for name in class_names}
-    listing = {}
+def scan_added(folders: list[str], root: Path, class_names: list[str]) -> list[ScannedDataset]:
+    """The added folders, each image labelled with the data's index of its class folder's name."""
+    scans = {}
     for folder in folders:
-        scanned = scan_dataset(folder)
-        unknown = sorted({name for s in scanned.samples if normalise_name(name := class_name_of(s.path)) not in keys})
-        if unknown:
-            raise DatasetError(f"--add-data '{folder}' has images of classes {unknown}, which the data's classes "
-                               f"{class_names} do not include: move them into one of those class folders")
-        listing[str(scanned.root.resolve())] = [s.path for s in scanned.samples]
-    return listing
+        path = Path(folder).resolve()
+        if not path.is_dir():
+            raise DatasetError(f"the --add-data folder '{folder}' is missing (or not a folder)")
+        if path.is_relative_to(root.resolve()) or root.resolve().is_relative_to(path):
+            raise DatasetError(f"--add-data '{folder}' and the data root '{root}' overlap, so its images would also "
+                               "be split into validation and test: keep added folders outside the data root")
+        scans.setdefault(path, scan_dataset(path, class_names))
+    return list(scans.values())
 
 
-def join_added(train: CachedImages, added: dict[str, list[str]], class_names: list[str], img_size: int,
-               progress: bool) -> CachedImages:
-    """The training images plus the added ones, labelled by their class folder's name."""
-    index = {normalise_name(name): i for i, name in enumerate(class_names)}
-    images, labels, paths = [train.images], [train.labels], list(train.paths)
-    for folder, rel_paths in added.items():
-        decoded, kept = load_images(Path(folder), rel_paths, img_size, progress)
-        if len(kept) < len(rel_paths):
-            log.warning("%d of the %d added images under '%s' could not be read: training without them",
-                        len(rel_paths) - len(kept), len(rel_paths), folder)
+def decode_added(scans: list[ScannedDataset], img_size: int, progress: bool,
+                 stored: dict[str, list[str]] | None) -> tuple[CachedImages, dict[str, list[str]]]:
+    """The added images decoded, and {absolute folder: the images decoded} for the split.
+
+    ``stored`` (a stored split's listing): exactly those images, each still there and readable, so a resumed run
+    trains on what it started with.
+    """
+    images, labels, paths, listing = [], [], [], {}
+    for scanned in scans:
+        folder = str(scanned.root)
+        label_of = {s.path: s.label for s in scanned.samples}
+        wanted = stored[folder] if stored is not None else list(label_of)
+        decoded, kept = load_images(scanned.root, [p for p in wanted if p in label_of], img_size, progress)
+        if stored is not None and len(kept) < len(wanted):
+            lost = next(p for p in wanted if p not in set(kept))
+            raise DatasetError(f"{len(wanted) - len(kept)} added images of the stored split under '{folder}' are missing "
+                               f"or unreadable (first: {lost}): restore them, or start a new run")
         images.append(decoded)
-        labels.append(np.array([index[normalise_name(class_name_of(rel))] for rel in kept], dtype=np.int64))
-        paths += [f"{folder}/{rel}" for rel in kept]
-    log.info("training on %d images, %d of them added from %s", len(paths), len(paths) - len(train.paths), ", ".join(added))
-    return CachedImages(np.concatenate(images), np.concatenate(labels), paths)
+        labels.append(np.array([label_of[p] for p in kept], dtype=np.int64))
+        paths += [f"{folder}/{p}" for p in kept]
+        listing[folder] = kept
+    log.info("%d images added to the training split from %s", len(paths), ", ".join(listing))
+    return CachedImages(np.concatenate(images), np.concatenate(labels), paths), listing
+
+
+def join_added(images: np.ndarray, rows: list[int], labels: np.ndarray, paths: list[str], added: CachedImages) -> CachedImages:
+    """The training split and the added images, filled into one array (no second copy of the training images)."""
+    joined = np.empty((len(rows) + len(added), *images.shape[1:]), images.dtype)
+    np.take(images, rows, axis=0, out=joined[:len(rows)])
+    joined[len(rows):] = added.images
+    return CachedImages(joined, np.concatenate([labels, added.labels]), paths + added.paths)
 
 
 def make_loader(

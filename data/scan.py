@@ -67,14 +67,20 @@ def _list_images(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def scan_dataset(root: Path | str) -> ScannedDataset:
-    """Label every image under ``root``; raises DatasetError when there is nothing to read."""
+def scan_dataset(root: Path | str, class_names: list[str] | None = None) -> ScannedDataset:
+    """Label every image under ``root``; raises DatasetError when there is nothing to read.
+
+    ``class_names``: label with these classes, matched by name, instead of the tree's own: images added to a
+    dataset of those classes (a reviewed ``stream.py --collect`` folder) get its class indices; the tree may lack
+    some classes, but a class folder outside them is an error.
+    """
     root = Path(root)
+    hint = HOW_TO_GET_DATA if class_names is None else "Give a folder of <class>/<image> files."
     if not root.is_dir():
-        raise DatasetError(f"data root '{root}' does not exist. {HOW_TO_GET_DATA}")
+        raise DatasetError(f"data root '{root}' does not exist. {hint}")
     files = _list_images(root)
     if not files:
-        raise DatasetError(f"no images found under '{root}'. {HOW_TO_GET_DATA}")
+        raise DatasetError(f"no images found under '{root}'. {hint}")
 
     entries: list[tuple[str, str, str]] = []  # (relative path, class folder name, fabric)
     for file in files:
@@ -88,7 +94,14 @@ def scan_dataset(root: Path | str) -> ScannedDataset:
         entries.append((rel, name, fabric_of(rel)))
 
     keys = {normalise_name(name) for _, name, _ in entries}
-    if keys <= CLASS_KEYS.keys():
+    if class_names is not None:
+        index = {normalise_name(name): i for i, name in enumerate(class_names)}
+        unknown = sorted({name for _, name, _ in entries if normalise_name(name) not in index})
+        if unknown:
+            raise DatasetError(f"the class folders {unknown} under '{root}' are not among the data's classes "
+                               f"{list(class_names)}: move their images into one of those class folders")
+        class_names = list(class_names)
+    elif keys <= CLASS_KEYS.keys():
         class_names = list(CLASSES)
         index = CLASS_KEYS
     else:

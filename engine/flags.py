@@ -32,7 +32,8 @@ def zoom_factor(text: str) -> float:
     return value
 
 
-def add_data_args(parser: argparse.ArgumentParser) -> None:
+def add_data_args(parser: argparse.ArgumentParser, add_data: bool = False) -> None:
+    """``add_data``: also --add-data, for scripts that make a new split (main.py); the others reuse a checkpoint's."""
     group = parser.add_argument_group("data")
     group.add_argument("--data-root",
                        help="StitchingNet folder (<root>/<fabric>/<class>/<image>), a <root>/<class>/<image> tree, "
@@ -47,6 +48,13 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                        help="with --synthetic: a Z times closer camera, framing a 224/Z px window around each defect "
                             "(train at 224/Z px for the same defect size in pixels at Z^2 less compute); results are "
                             "labelled dataset=synthetic-zoomZ (default: %(default)s)")
+    if add_data:
+        group.add_argument("--add-data", metavar="DIR", action="append",
+                           help="a folder of labelled images in <class>/<image> (or StitchingNet) layout, e.g. a "
+                                "reviewed stream.py --collect folder, added to the training split only: validation "
+                                "and test stay the data's own (the same --seed gives the same split with or without "
+                                "it), so the figures compare with a run without it; its class folders must be among "
+                                "the data's classes; repeatable; results are labelled dataset=<data>+added")
     group.add_argument("--img-size", type=positive_int, help="square input size in pixels (default: a given checkpoint's, else 224)")
     group.add_argument("--augment", type=int, choices=AUGMENT_VERSIONS, default=1,
                        help="augmentation version: 0 none, 1 flips + small rotation, 2 = 1 + colour jitter, "

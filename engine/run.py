@@ -5,6 +5,7 @@ import datetime as dt
 import logging
 import os
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +60,13 @@ def resolve_data_source(config: RunConfig, stored: RunDescription | None = None)
     return None, data.data_root or (stored.data_root if stored else None) or DEFAULT_DATA_ROOT
 
 
-def prepare_data(config: RunConfig, runtime: Runtime, stored: RunDescription | None = None) -> DataBundle:
-    """Load (generating the synthetic set first if asked) and split; a checkpoint's split is reused."""
+def prepare_data(config: RunConfig, runtime: Runtime, stored: RunDescription | None = None,
+                 init: RunDescription | None = None) -> DataBundle:
+    """Load (generating the synthetic set first if asked) and split; a checkpoint's split is reused.
+
+    ``init``: the checkpoint a new run starts from (main.py --init): the data must have its classes; the split is
+    made anew, with a warning where it would test the checkpoint on images it trained on.
+    """
     synthetic, root = resolve_data_source(config, stored)
     img_size = config.data.img_size or (stored.img_size if stored else None) or DEFAULT_IMG_SIZE
     if synthetic is not None:
@@ -76,11 +82,29 @@ def prepare_data(config: RunConfig, runtime: Runtime, stored: RunDescription | N
     bundle = load_data(
         root, img_size, config.seed, dataset=synthetic.label if synthetic else "real",
         split=stored.split if stored else None, test_fabrics=config.data.test_fabrics,
-        class_names=stored.class_names if stored else None, progress=runtime.is_main, fabrics=config.data.fabrics,
-        added=config.data.add_data,
+        class_names=(stored or init).class_names if stored or init else None, progress=runtime.is_main,
+        fabrics=config.data.fabrics, added=config.data.add_data,
     )
     bundle.synthetic = synthetic
+    if init is not None:
+        check_held_out(bundle, init)
     return bundle
+
+
+class HeldOutWarning(UserWarning):
+    """A run tests a checkpoint it started from on images that checkpoint trained on: its figures are optimistic."""
+
+
+def check_held_out(bundle: DataBundle, init: RunDescription) -> None:
+    """Warn where the split tests the --init checkpoint on images it trained on (same data root, so the same paths)."""
+    if Path(init.data_root).resolve() != bundle.root.resolve():
+        return
+    seen = set(init.split.get("train", [])) & {path for name in ("val", "test") for path in bundle.split[name]}
+    if seen:
+        warnings.warn(f"the --init checkpoint was trained on {len(seen)} of this run's validation and test images "
+                      f"(first: {min(seen)}), so this run's figures are optimistic: split the data as its run did "
+                      f"(--seed {init.split.get('seed', init.seed)}, the same --fabrics/--test-fabrics) to keep them "
+                      "held out", HeldOutWarning, stacklevel=2)
 
 
 def create_run_dir(output_dir: str | Path, script: str, model_name: str, runtime: Runtime) -> Path:
