@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -72,16 +73,21 @@ def fabric_j_halves(out: Path) -> tuple[Path, Path]:
 
 
 def score(checkpoint: Path, held_out: Path) -> dict:
-    """Accuracy, defect recall and false alarms at the checkpoint's stored threshold on a <class>/<image> tree."""
+    """On a <class>/<image> tree: accuracy, defect recall and false alarms at the checkpoint's stored threshold (as
+    the device decides), the same by argmax, and the defect-vs-Normal AUROC (the separation, whatever the threshold)."""
     dataset = scan_dataset(held_out)
     classifier = TorchClassifier.from_checkpoint(checkpoint)
     names = classifier.info["class_names"]
     files = [dataset.root / sample.path for sample in dataset.samples]
-    predictions = list(classify_files(classifier, classifier.info, files, threshold=decision_threshold(classifier, None)))
-    preds = np.array([names.index(p.label) for p in predictions])
     targets = np.array([names.index(dataset.class_names[sample.label]) for sample in dataset.samples])
-    metrics = classification_metrics(targets, preds, names)
-    return {key: round(metrics[key], 4) for key in ("acc", "defect_recall", "false_alarm_rate")}
+    figures = {}
+    for rule, threshold in (("", decision_threshold(classifier, None)), ("argmax_", None)):
+        predictions = list(classify_files(classifier, classifier.info, files, threshold=threshold))
+        metrics = classification_metrics(targets, np.array([names.index(p.label) for p in predictions]), names)
+        figures.update({rule + key: round(metrics[key], 4) for key in ("acc", "defect_recall", "false_alarm_rate")})
+    scores = np.array([p.score for p in predictions])
+    figures["auroc"] = round(float(roc_auc_score(targets != classifier.normal, scores)), 4)
+    return figures
 
 
 def label_collected(folder: Path) -> dict[str, int]:
@@ -93,7 +99,7 @@ def label_collected(folder: Path) -> dict[str, int]:
         true_class = CLASSES[int(NAME.search(row["source_file"]).group(1))]
         source = folder / row["file"]
         target = folder / true_class / source.name
-        if source != target:
+        if not target.exists():  # labelled by an earlier call otherwise
             target.parent.mkdir(exist_ok=True)
             source.replace(target)
         counts[true_class] = counts.get(true_class, 0) + 1
@@ -117,8 +123,9 @@ def one_seed(seed: int, args: argparse.Namespace, stream: Path, held_out: Path) 
             "--collect-max", str(args.collect_max), "--jsonl", str(out / "stream.jsonl"), "--threads", "2", "-q")
     labelled = label_collected(collect)
     if not (loop_dir / "results.csv").exists():
-        run("main.py", *RECIPE, "--init", str(base), "--add-data", str(collect), "--lr", str(args.lr), "--epochs",
-            str(args.epochs), "--patience", str(args.epochs), "--seed", str(seed), "--output-dir", str(loop_dir))
+        run("main.py", *RECIPE, "--init", str(base), "--add-data", str(collect), "--lr", str(args.lr), "--lr-backbone",
+            str(args.lr), "--epochs", str(args.epochs), "--patience", str(args.epochs), "--seed", str(seed), "--output-dir",
+            str(loop_dir))
     (retrained,) = (loop_dir / "main").glob("*/best.pt")
     return {"seed": seed, "collected": sum(labelled.values()), "collected_per_class": labelled,
             "fabric_J": {"before": score(base, held_out), "after": score(retrained, held_out)},
@@ -130,8 +137,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="working folder (runs, collect folders, fabric J halves)")
     parser.add_argument("--seeds", type=random_seed, nargs="+", default=[0, 1], help="training seeds (default: %(default)s)")
     parser.add_argument("--collect-max", type=positive_int, default=200, help="frames collected per seed (default: %(default)s)")
-    parser.add_argument("--epochs", type=positive_int, default=5, help="epochs of the --init run (default: %(default)s)")
-    parser.add_argument("--lr", type=positive_float, default=3e-3, help="learning rate of the --init run (default: %(default)s)")
+    parser.add_argument("--epochs", type=positive_int, default=8, help="epochs of the --init run (default: %(default)s)")
+    parser.add_argument("--lr", type=positive_float, default=3e-3,
+                        help="learning rate of the --init run, head and backbone: a new fabric needs the backbone to "
+                             "adapt (default: %(default)s)")
     return parser
 
 
