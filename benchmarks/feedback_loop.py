@@ -137,8 +137,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="working folder (runs, collect folders, fabric J halves)")
     parser.add_argument("--seeds", type=random_seed, nargs="+", default=[0, 1], help="training seeds (default: %(default)s)")
     parser.add_argument("--collect-max", type=positive_int, default=200, help="frames collected per seed (default: %(default)s)")
-    parser.add_argument("--epochs", type=positive_int, default=8, help="epochs of the --init run (default: %(default)s)")
-    parser.add_argument("--lr", type=positive_float, default=3e-3,
+    parser.add_argument("--epochs", type=positive_int, default=6, help="epochs of the --init run (default: %(default)s)")
+    parser.add_argument("--lr", type=positive_float, default=2e-3,
                         help="learning rate of the --init run, head and backbone: a new fabric needs the backbone to "
                              "adapt (default: %(default)s)")
     return parser
