@@ -84,6 +84,12 @@ def test_defect_score_and_flags_match_argmax_without_a_threshold() -> None:
     assert np.array_equal(defect_scores(probs, 0), scores)
 
 
+@pytest.mark.parametrize("threshold", [None, 0.5])
+def test_a_non_finite_score_is_defective(threshold: float | None) -> None:
+    probs = np.array([[np.nan, 0.5, 0.5], [np.inf, 0.0, 0.0], [0.9, 0.05, 0.05]], np.float32)
+    assert flag_defects(probs, 0, threshold)[1].tolist() == [True, True, False]
+
+
 def test_binomial_se() -> None:
     assert binomial_se(0.1, 100) == pytest.approx(0.03)
     assert math.isnan(binomial_se(0.1, 0))

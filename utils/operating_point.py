@@ -67,11 +67,13 @@ def defect_scores(probs: np.ndarray, normal: int) -> np.ndarray:
 
 def flag_defects(probs: np.ndarray, normal: int, threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
     """(defect scores, defective flags) of rows of class probabilities: score >= ``threshold``, or, with no threshold
-    (a model from before operating points), the most likely class is not Normal."""
+    (a model from before operating points), the most likely class is not Normal. A non-finite score (a broken model
+    or input) is defective: an inspection fails closed."""
     scores = defect_scores(probs, normal)
+    broken = ~np.isfinite(scores)
     if threshold is None:
-        return scores, np.asarray(probs).argmax(axis=1) != normal
-    return scores, scores >= threshold
+        return scores, (np.asarray(probs).argmax(axis=1) != normal) | broken
+    return scores, (scores >= threshold) | broken
 
 
 def top_defect_classes(probs: np.ndarray, normal: int) -> np.ndarray:
