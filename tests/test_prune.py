@@ -42,6 +42,8 @@ def test_pruned_run_is_smaller_keeps_the_classes_and_is_recorded(pruned_run, tra
     assert summary["unpruned"]["latency_ms_1t"] > 0 and 0 <= summary["pruned"]["test_acc_before_finetuning"] <= 1
     payload = load_checkpoint(pruned_run / "best.pt")
     assert payload["description"].split == load_checkpoint(trained_run / "best.pt")["description"].split
+    # the pruned model's own threshold, chosen on its own validation scores, in its checkpoint and its row
+    assert float(row["threshold"]) == pytest.approx(payload["description"].operating_point["threshold"], abs=1e-6)
     model = model_from_checkpoint(payload)
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 11) and count_params(model) == int(row["params"])
 

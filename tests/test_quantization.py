@@ -52,6 +52,9 @@ def test_ptq_and_qat_write_int8_artifacts_and_results_rows(quantized_run, traine
     assert rows[1]["epochs"] == "1"
     description = load_checkpoint(quantized_run / "int8_ptq.pt")["description"]
     assert description.quantization["calibration_images"] == 32
+    # each INT8 model carries the threshold chosen on its own validation scores, as its row reports
+    assert float(rows[0]["threshold"]) == pytest.approx(description.operating_point["threshold"], abs=1e-6)
+    assert float(rows[0]["false_alarm_budget"]) == 0.05 and 0 <= float(rows[0]["op_false_alarm_rate"]) <= 1
     assert description.split == load_checkpoint(trained_run / "best.pt")["description"].split
 
 
