@@ -11,16 +11,19 @@ the threshold stored in the model (--threshold overrides it); an alert fires aft
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
 from pathlib import Path
 
 from deploy.artifacts import add_model_args, add_threshold_arg, decision_rule, decision_threshold, open_classifier
 from deploy.collect import DEFAULT_BAND, DEFAULT_MAX, Collector
 from deploy.sources import open_source
-from deploy.stream import Inspector, Outputs, Settings, Summary, open_window, run
+from deploy.stream import Inspector, Outputs, Settings, StopRequest, Summary, open_window, run
 from deploy.tiling import Box, parse_roi
 from utils.cli import open_fraction, positive_int, run_cli
+from utils.io import WriteError
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
+    stop = StopRequest()
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # systemd's stop, a closed SSH session: end like Ctrl-C, summary included
+        signal.signal(signum, stop)
     classifier = open_classifier(args.checkpoint, args.onnx, args.openvino, args.threads)
     threshold = decision_threshold(classifier, args.threshold)
     settings = Settings(args.roi, args.tile, args.stride, threshold, args.consecutive)
@@ -92,15 +98,19 @@ def main(args: argparse.Namespace) -> None:
     on_stdout = not (args.jsonl or args.benchmark)
     report = sys.stderr if on_stdout else sys.stdout  # stdout carries nothing but the JSON lines
     summary = Summary()
-    jsonl = open(args.jsonl, "a", encoding="utf-8") if args.jsonl else sys.stdout if on_stdout else None
+    try:
+        jsonl = open(args.jsonl, "a", encoding="utf-8") if args.jsonl else sys.stdout if on_stdout else None
+    except OSError as error:
+        raise WriteError.of(args.jsonl, error) from None
     frames = source.frames()
     try:
         status = sys.stderr if log.isEnabledFor(logging.INFO) else None
-        run(frames, inspector, settings, Outputs(jsonl, args.save_defects, args.show, status, collector), summary)
+        run(frames, inspector, settings, Outputs(jsonl, args.save_defects, args.show, status, collector), summary, stop)
     finally:
         frames.close()
         if jsonl is not None and jsonl is not sys.stdout:
-            jsonl.close()
+            with contextlib.suppress(OSError):  # a refused write has raised its own error line
+                jsonl.close()
         summary.reconnects = source.reconnects
         if summary.frames + summary.unreadable:  # a source that never opened is one error line, not a summary
             info = classifier.info

@@ -4,6 +4,7 @@ Torch-free with an ``EdgeClassifier``; stream.py is its command line.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import resource
@@ -23,6 +24,7 @@ from deploy.overlay import draw_overlay, save_frame
 from deploy.sources import Frame
 from deploy.tiling import Box, cut_tiles, tile_boxes
 from utils.errors import UserError
+from utils.io import WriteError
 from utils.operating_point import flag_defects, top_defect_classes
 
 log = logging.getLogger(__name__)
@@ -209,12 +211,39 @@ def open_window() -> None:
                         "and run it on a desktop") from None
 
 
-def run(frames: Iterable[Frame], inspector: Inspector, settings: Settings, outputs: Outputs, summary: Summary) -> None:
-    """Inspect every frame until the source ends, the window is closed (q/Esc) or Ctrl-C; every output is flushed."""
+def write_line(handle: IO[str], line: str) -> None:
+    """One JSON line, flushed; a closed pipe (``| head``) goes up as it is, any other refusal (a full disk) becomes
+    one error line, after the summary of the frames inspected so far."""
+    try:
+        handle.write(line + "\n")
+        handle.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as error:
+        raise WriteError.of(getattr(handle, "name", "the JSON lines"), error) from None
+
+
+class StopRequest:
+    """A signal handler that asks ``run`` to stop after the frame in hand, so no JSON line is cut in half."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.signal = signum
+
+
+def run(frames: Iterable[Frame], inspector: Inspector, settings: Settings, outputs: Outputs, summary: Summary,
+        stop: StopRequest | None = None) -> None:
+    """Inspect every frame until the source ends, the window is closed (q/Esc), Ctrl-C or a ``stop`` request; every
+    output is flushed."""
     debouncer = Debouncer(settings.consecutive)
     next_status = time.perf_counter() + STATUS_EVERY_S
     try:
         for frame in frames:
+            if stop is not None and stop.signal is not None:
+                log.warning("stopped by signal %d: summary of the frames so far", stop.signal)
+                break
             if frame.image is None:
                 summary.unreadable += 1
                 log.warning("frame %d is unreadable: skipped", frame.index)
@@ -224,8 +253,7 @@ def run(frames: Iterable[Frame], inspector: Inspector, settings: Settings, outpu
             verdict.alert = debouncer.update(verdict.defect)
             summary.add(verdict, times)
             if outputs.jsonl is not None:
-                outputs.jsonl.write(json.dumps(verdict.to_json()) + "\n")
-                outputs.jsonl.flush()
+                write_line(outputs.jsonl, json.dumps(verdict.to_json()))
             if verdict.alert and outputs.save_defects is not None:
                 save_frame(draw_overlay(frame.image, verdict.boxes, verdict.labels), outputs.save_defects / f"frame_{frame.index:06d}.jpg")
             if outputs.collect is not None:
@@ -242,6 +270,7 @@ def run(frames: Iterable[Frame], inspector: Inspector, settings: Settings, outpu
         log.warning("interrupted: summary of the frames so far")
     finally:
         if outputs.jsonl is not None:
-            outputs.jsonl.flush()
+            with contextlib.suppress(OSError):  # the write that failed has said why
+                outputs.jsonl.flush()
         if outputs.show:
             cv2.destroyAllWindows()

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import onnx
 import pytest
-from conftest import run_script
+from conftest import ROOT, run_script
 from onnx import TensorProto, helper
 
 from deploy import sources
@@ -258,3 +261,48 @@ def test_a_model_without_a_stored_threshold_decides_by_argmax_and_says_so_once(v
     assert captured.err.count("carries no defect threshold") == 1 and "argmax verdicts" in captured.err
     assert run_script("stream.py", "--onnx", old, "--source", video, "--threshold", "1") == 0
     assert not [line for line in json_lines(capsys.readouterr().out) if line["verdict"] == "defect"]
+
+
+def _long_folder(folder: Path, count: int = 400) -> Path:
+    folder.mkdir()
+    for i in range(count):
+        cv2.imwrite(str(folder / f"f{i:04d}.png"), frame(BRIGHT if i % 7 == 0 else DARK))
+    return folder
+
+
+def test_sigterm_ends_the_inspection_with_its_summary(stub: Path, tmp_path: Path) -> None:
+    """systemd stops a service with SIGTERM: the JSON lines so far are complete and the summary is printed."""
+    folder = _long_folder(tmp_path / "frames", 2000)
+    process = subprocess.Popen([sys.executable, str(ROOT / "stream.py"), "--onnx", str(stub), "--source", str(folder)],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = process.stdout.readline()  # inspection is running
+    process.send_signal(signal.SIGTERM)
+    out, err = process.stdout.read(), process.stderr.read()  # not communicate(): it would skip readline's buffer
+    assert process.wait(timeout=60) == 0 and json.loads(first)["frame"] == 0
+    lines = json_lines(first + out)
+    assert 0 < len(lines) < 2000 and "stopped by signal 15" in err and f"{len(lines)} classified" in err and "Traceback" not in err
+
+
+def test_a_closed_stdout_pipe_stops_quietly(stub: Path, tmp_path: Path) -> None:
+    folder = _long_folder(tmp_path / "frames")
+    done = subprocess.run(f"{sys.executable} stream.py --onnx {stub} --source {folder} | head -n 2", shell=True, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert len(json_lines(done.stdout)) == 2 and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
+
+
+def test_an_unwritable_jsonl_is_one_error_line(stub: Path, video: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for target in (tmp_path, tmp_path / "missing" / "seam.jsonl"):
+        assert run_script("stream.py", "--onnx", stub, "--source", video, "--jsonl", target) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: cannot write '{target}'"), err
+
+
+def test_a_full_disk_stops_the_json_lines_with_one_error_after_the_summary(stub: Path, video: Path,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    assert run_script("stream.py", "--onnx", stub, "--source", video, "--jsonl", "/dev/full") == 2
+    captured = capsys.readouterr()
+    assert "frames (1 classified" in captured.out  # the summary of what was inspected
+    (line,) = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert "cannot write '/dev/full'" in line and "Traceback" not in captured.err

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -91,3 +92,6 @@ def run_cli(main: Callable[[argparse.Namespace], None], parser: argparse.Argumen
     except KeyboardInterrupt:
         log.error("interrupted: resume with --resume <run folder>/last.pt")
         sys.exit(130)
+    except BrokenPipeError:  # the reader of stdout went away (``| head``): stop quietly, as a Unix tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail again
+        sys.exit(1)
