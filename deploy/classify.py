@@ -12,7 +12,7 @@ import torch
 
 from data.stitchingnet import normal_index
 from data.transforms import Preprocess
-from deploy.edge import all_threads, stored_operating_point
+from deploy.edge import all_threads, check_deploy_info, stored_operating_point
 from deploy.files import Prediction, classify_files
 from deploy.inference import load_checkpoint_classifier
 
@@ -24,7 +24,7 @@ class TorchClassifier:
     """
 
     def __init__(self, model: torch.nn.Module, info: dict):
-        self.model, self.info = model, info
+        self.model, self.info = model, check_deploy_info(info)
         self.normal = normal_index(info["class_names"])
         self.operating_point = stored_operating_point(info)
         self.preprocess = Preprocess(info["mean"], info["std"])

@@ -7,6 +7,7 @@ Pillow, so a Raspberry Pi needs neither PyTorch nor timm (requirements-edge.txt)
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,6 +53,38 @@ def normalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
     return inputs
 
 
+MAX_IMG_SIZE = 4096  # a larger input is a damaged file, not a model for a seam
+
+
+def check_deploy_info(info: object, input_shape: Sequence | None = None, output_shape: Sequence | None = None) -> dict:
+    """The deploy metadata, field by field and against the graph's own shapes; EdgeModelError (one line) otherwise."""
+    def damaged(problem: str) -> EdgeModelError:
+        return EdgeModelError(f"the model's metadata is damaged: {problem}; export it again with export.py")
+
+    if not isinstance(info, dict):
+        raise damaged(f"it is a {type(info).__name__}, not a mapping")
+    missing = [key for key in ("model", "class_names", "img_size", "mean", "std") if key not in info]
+    if missing:
+        raise damaged(f"it lacks {', '.join(missing)}")
+    names, size = info["class_names"], info["img_size"]
+    if not (isinstance(names, list) and names and all(isinstance(name, str) and name for name in names)):
+        raise damaged(f"class_names is {names!r}, not a list of names")
+    if not (isinstance(size, int) and not isinstance(size, bool) and 0 < size <= MAX_IMG_SIZE):
+        raise damaged(f"img_size is {size!r}, not a size in pixels up to {MAX_IMG_SIZE}")
+    for key in ("mean", "std"):
+        values = info[key]
+        if not (isinstance(values, list) and len(values) == 3 and all(isinstance(v, int | float) and math.isfinite(v)
+                                                                      for v in values)):
+            raise damaged(f"{key} is {values!r}, not three numbers")
+    if not all(v > 0 for v in info["std"]):
+        raise damaged(f"std is {info['std']!r}: every channel's must be positive")
+    if output_shape is not None and isinstance(output_shape[-1], int) and output_shape[-1] != len(names):
+        raise damaged(f"{len(names)} class names for a model with {output_shape[-1]} outputs")
+    if input_shape is not None and any(isinstance(side, int) and side != size for side in input_shape[2:]):
+        raise damaged(f"img_size {size} for a model whose input is {list(input_shape[2:])}")
+    return info
+
+
 def stored_operating_point(info: dict) -> OperatingPoint | None:
     """The operating point an artifact or checkpoint carries; None for one made before operating points existed."""
     stored = info.get("operating_point")
@@ -61,6 +94,13 @@ def stored_operating_point(info: dict) -> OperatingPoint | None:
         return OperatingPoint.from_dict(stored)
     except OperatingPointError as error:
         raise EdgeModelError(f"the model's metadata is damaged: {error}; export it again") from None
+
+
+def read_info_json(text: str, path: Path) -> dict:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise EdgeModelError(f"'{path}': the model's metadata is damaged ({error}); export it again with export.py") from None
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -73,8 +113,10 @@ class ExportedClassifier:
     ``normal`` (index of the Normal class), ``operating_point`` (its stored defect threshold, or None), ``prepare``
     and ``infer`` (separate so a caller can time them apart); ``classifier(images)`` gives class probabilities."""
 
-    def __init__(self, info: dict):
-        self.info = info
+    def __init__(self, info: dict, input_shape: Sequence | None = None, output_shape: Sequence | None = None):
+        """``input_shape``/``output_shape``: the graph's, where the runtime tells them ([batch, 3, H, W] and [batch,
+        classes], None or a name for a dynamic axis), to check the metadata against."""
+        self.info = check_deploy_info(info, input_shape, output_shape)
         self.normal = normal_index(info["class_names"])
         self.operating_point = stored_operating_point(info)
 
@@ -108,7 +150,8 @@ class EdgeClassifier(ExportedClassifier):
         metadata = self.session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in metadata:
             raise EdgeModelError(f"'{path}' has no class names or preprocessing metadata: export it with export.py")
-        super().__init__(json.loads(metadata[METADATA_KEY]))
+        super().__init__(read_info_json(metadata[METADATA_KEY], path), self.session.get_inputs()[0].shape,
+                         self.session.get_outputs()[0].shape)
 
     def infer(self, inputs: np.ndarray) -> np.ndarray:
         return softmax(self.session.run([OUTPUT_NAME], {INPUT_NAME: inputs})[0])

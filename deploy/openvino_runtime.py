@@ -5,13 +5,12 @@ The IR carries the deploy info (class names, mean/std, img_size) in its rt_info 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import openvino as ov
 
-from deploy.edge import METADATA_KEY, EdgeModelError, ExportedClassifier, all_threads, softmax
+from deploy.edge import METADATA_KEY, EdgeModelError, ExportedClassifier, all_threads, read_info_json, softmax
 
 
 def read_ir(path: Path | str) -> tuple[ov.Model, dict]:
@@ -29,7 +28,12 @@ def read_ir(path: Path | str) -> tuple[ov.Model, dict]:
                              f"{str(error).strip().splitlines()[0]})") from None
     if not model.has_rt_info([METADATA_KEY]):
         raise EdgeModelError(f"'{path}' has no class names or preprocessing metadata: export it with export.py --openvino")
-    return model, json.loads(model.get_rt_info([METADATA_KEY]).astype(str))
+    return model, read_info_json(model.get_rt_info([METADATA_KEY]).astype(str), path)
+
+
+def dims(port: ov.Output) -> list[int | None]:
+    """A port's shape, None for a dynamic axis."""
+    return [dim.get_length() if dim.is_static else None for dim in port.get_partial_shape()]
 
 
 def compile_ir(model: ov.Model, threads: int) -> ov.CompiledModel:
@@ -43,7 +47,7 @@ class OpenVinoClassifier(ExportedClassifier):
 
     def __init__(self, path: Path | str, threads: int = all_threads()):
         model, info = read_ir(path)
-        super().__init__(info)
+        super().__init__(info, dims(model.inputs[0]), dims(model.outputs[0]))
         self.compiled = compile_ir(model, threads)
 
     def infer(self, inputs: np.ndarray) -> np.ndarray:

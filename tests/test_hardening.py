@@ -101,7 +101,8 @@ class _Always(torch.nn.Module):
 
 def test_predict_flags_defects_by_the_normal_class_name(tmp_path, caplog):
     Image.new("RGB", (8, 8)).save(tmp_path / "seam.png")
-    info = {"class_names": ["Broken stitch", "Normal", "Skipped stitch"], "mean": [0.5] * 3, "std": [0.5] * 3, "img_size": 8}
+    info = {"model": "always", "class_names": ["Broken stitch", "Normal", "Skipped stitch"], "mean": [0.5] * 3, "std": [0.5] * 3,
+            "img_size": 8}
     flags = [next(predict(_Always(index, 3), info, [tmp_path / "seam.png"])).defect for index in range(3)]
     assert flags == [True, False, True]
     (prediction,) = predict(_Always(0, 2), {**info, "class_names": ["bad", "worse"]}, [tmp_path / "seam.png"])

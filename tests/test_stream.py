@@ -306,3 +306,47 @@ def test_a_full_disk_stops_the_json_lines_with_one_error_after_the_summary(stub:
     assert "frames (1 classified" in captured.out  # the summary of what was inspected
     (line,) = [line for line in captured.err.splitlines() if line.startswith("error:")]
     assert "cannot write '/dev/full'" in line and "Traceback" not in captured.err
+
+
+def _with_metadata(stub: Path, path: Path, text: str) -> Path:
+    model = onnx.load(stub)
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            prop.value = text
+    onnx.save(model, path)
+    return path
+
+
+GOOD_INFO = {"model": "stub", "class_names": ["Normal", "Broken stitch"], "img_size": SIZE, "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+@pytest.mark.parametrize("info, message", [
+    ("{not json", "metadata is damaged"),
+    (json.dumps({key: value for key, value in GOOD_INFO.items() if key != "mean"}), "lacks mean"),
+    (json.dumps({**GOOD_INFO, "class_names": ["Normal", "a", "b", "c", "d"]}), "5 class names for a model with 2 outputs"),
+    (json.dumps({**GOOD_INFO, "mean": [0.5]}), "mean is [0.5], not three numbers"),
+    (json.dumps({**GOOD_INFO, "std": [0, 0, 0]}), "must be positive"),
+    (json.dumps({**GOOD_INFO, "img_size": SIZE * 2}), f"img_size {SIZE * 2} for a model whose input is [{SIZE}, {SIZE}]"),
+    (json.dumps({**GOOD_INFO, "img_size": 10**6}), "not a size in pixels"),
+    (json.dumps({**GOOD_INFO, "operating_point": {"threshold": 3}}), "operating point"),
+    (json.dumps([1, 2]), "not a mapping"),
+])
+def test_damaged_metadata_is_one_error_line_before_any_prediction(stub: Path, video: Path, tmp_path: Path, info: str,
+                                                                 message: str, capsys: pytest.CaptureFixture) -> None:
+    model = _with_metadata(stub, tmp_path / "damaged.onnx", info)
+    for script, args in (("predict.py", [video.parent]), ("stream.py", ["--source", video])):
+        assert run_script(script, "--onnx", model, *args) == 2
+        captured = capsys.readouterr()
+        err = captured.err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and message in err[0], (script, err)
+        assert not captured.out
+
+
+def test_a_model_giving_nan_fails_closed(stub: Path, video: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """NaN weights give NaN scores: every frame is a defect, never 'normal'."""
+    model = onnx.load(stub)
+    (gain,) = [tensor for tensor in model.graph.initializer if tensor.name == "gain"]
+    gain.CopyFrom(helper.make_tensor("gain", TensorProto.FLOAT, [], [float("nan")]))
+    onnx.save(model, tmp_path / "nan.onnx")
+    assert run_script("stream.py", "--onnx", tmp_path / "nan.onnx", "--source", video) == 0
+    assert {line["verdict"] for line in json_lines(capsys.readouterr().out)} == {"defect"}

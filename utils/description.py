@@ -8,6 +8,7 @@ versions (no ``schema`` key); it has the same keys and loads unchanged.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,6 +114,8 @@ class RunDescription:
             values = getattr(self, name)
             if not isinstance(values, list) or len(values) != 3 or not all(isinstance(v, int | float) for v in values):
                 raise DescriptionError(f"{name} must be three numbers, got {values!r}")
+        if not all(math.isfinite(v) and v > 0 for v in self.std):
+            raise DescriptionError(f"std must be three positive numbers, got {self.std!r}")
         if self.alpha is not None:
             _expect("alpha", self.alpha, int | float)
         if self.operating_point is not None:
