@@ -1,9 +1,11 @@
 """Atomic file writes: a reader never sees half a file, and a crash never loses the old one."""
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,22 +23,42 @@ class WriteError(UserError):
         return cls(f"cannot write '{path}': {error.strerror or error}; the files written before it are intact")
 
 
+@functools.cache
+def _new_file_mode() -> int:
+    """What open() would give a new file: 0o666 less the umask (read once: os.umask can only be read by setting it)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _file_mode(path: Path) -> int:
+    """The mode the written file keeps: the old file's, else a new file's (mkstemp's 0600 would lock out a service
+    account that reads the model or the results)."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return _new_file_mode()
+
+
 @contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temp path beside ``path``; it replaces ``path`` only if the block succeeds.
 
-    An OSError of the write becomes one WriteError naming ``path``; the old file stays as it was.
+    An OSError of the write becomes one WriteError naming ``path``; the old file stays as it was. The file keeps
+    its mode, and a symlink is written through (its target is replaced, the link stays: a shared results table).
     """
     path = Path(path)
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         os.close(fd)
     except OSError as error:
         raise WriteError.of(path, error) from None
     try:
         yield Path(tmp)
-        os.replace(tmp, path)
+        os.chmod(tmp, _file_mode(target))
+        os.replace(tmp, target)
     except OSError as error:
         raise WriteError.of(path, error) from None
     finally:
