@@ -23,6 +23,7 @@ from deploy.sources import open_source
 from deploy.stream import Inspector, Outputs, Settings, StopRequest, Summary, open_window, run
 from deploy.tiling import Box, parse_roi
 from utils.cli import open_fraction, positive_int, run_cli
+from utils.errors import UserError
 from utils.io import WriteError
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,9 @@ def main(args: argparse.Namespace) -> None:
         signal.signal(signum, stop)
     classifier = open_classifier(args.checkpoint, args.onnx, args.openvino, args.threads)
     threshold = decision_threshold(classifier, args.threshold)
+    if args.stride is not None and (args.tile is None or args.stride > args.tile):
+        raise UserError(f"--stride {args.stride} needs --tile and must not exceed it (--tile {args.tile}): a larger step "
+                        "leaves seam between the tiles unseen")
     settings = Settings(args.roi, args.tile, args.stride, threshold, args.consecutive)
     inspector = Inspector(classifier, settings)
     source = open_source(args.source)

@@ -22,7 +22,7 @@ import numpy as np
 
 from deploy.overlay import draw_overlay, save_frame
 from deploy.sources import Frame
-from deploy.tiling import Box, cut_tiles, tile_boxes
+from deploy.tiling import Box, GeometryError, cut_tiles, tile_boxes
 from utils.errors import UserError
 from utils.io import WriteError
 from utils.operating_point import flag_defects, top_defect_classes
@@ -249,7 +249,14 @@ def run(frames: Iterable[Frame], inspector: Inspector, settings: Settings, outpu
                 log.warning("frame %d is unreadable: skipped", frame.index)
                 continue
             times = {"capture": frame.capture_s}
-            verdict = inspector.inspect(frame.index, frame.image, times)
+            try:
+                verdict = inspector.inspect(frame.index, frame.image, times)
+            except GeometryError as error:
+                if not summary.frames:  # the first frame: the ROI or tiles are wrong, not the frame
+                    raise
+                summary.unreadable += 1  # one odd frame (another size) must not stop the line's inspection
+                log.warning("frame %d skipped: %s", frame.index, error)
+                continue
             verdict.alert = debouncer.update(verdict.defect)
             summary.add(verdict, times)
             if outputs.jsonl is not None:

@@ -350,3 +350,20 @@ def test_a_model_giving_nan_fails_closed(stub: Path, video: Path, tmp_path: Path
     onnx.save(model, tmp_path / "nan.onnx")
     assert run_script("stream.py", "--onnx", tmp_path / "nan.onnx", "--source", video) == 0
     assert {line["verdict"] for line in json_lines(capsys.readouterr().out)} == {"defect"}
+
+
+def test_one_odd_frame_is_skipped_but_a_wrong_roi_on_the_first_is_an_error(stub: Path) -> None:
+    settings = Settings(roi=Box(0, 0, 64, 48))
+    frames = [sources.Frame(0, frame(DARK), 0.001), sources.Frame(1, frame(DARK, 32, 24), 0.001), sources.Frame(2, frame(BRIGHT), 0.001)]
+    summary = Summary()
+    run(iter(frames), Inspector(EdgeClassifier(stub, 1), settings), settings, Outputs(), summary)
+    assert (summary.frames, summary.unreadable, summary.defective) == (2, 1, 1)
+    with pytest.raises(GeometryError):
+        run(iter(frames[1:]), Inspector(EdgeClassifier(stub, 1), settings), settings, Outputs(), Summary())
+
+
+@pytest.mark.parametrize("flags", [["--tile", "16", "--stride", "24"], ["--stride", "8"]])
+def test_a_stride_that_leaves_gaps_is_one_error_line(stub: Path, video: Path, flags: list[str], capsys: pytest.CaptureFixture) -> None:
+    assert run_script("stream.py", "--onnx", stub, "--source", video, *flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--stride" in err[0] and "unseen" in err[0]
