@@ -89,9 +89,11 @@ def main(args: argparse.Namespace) -> None:
         signal.signal(signum, stop)
     classifier = open_classifier(args.checkpoint, args.onnx, args.openvino, args.threads)
     threshold = decision_threshold(classifier, args.threshold)
-    if args.stride is not None and (args.tile is None or args.stride > args.tile):
-        raise UserError(f"--stride {args.stride} needs --tile and must not exceed it (--tile {args.tile}): a larger step "
-                        "leaves seam between the tiles unseen")
+    if args.stride is not None and args.tile is None:
+        raise UserError(f"--stride {args.stride} is the step between tiles: give --tile too")
+    if args.stride is not None and args.stride > args.tile:
+        log.warning("--stride %d > --tile %d: %d px of seam between neighbouring tiles are never inspected", args.stride,
+                    args.tile, args.stride - args.tile)
     settings = Settings(args.roi, args.tile, args.stride, threshold, args.consecutive)
     inspector = Inspector(classifier, settings)
     source = open_source(args.source)
