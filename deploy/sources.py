@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 import cv2
 import numpy as np
@@ -166,6 +167,15 @@ def _video_capture(target: int | str, live: bool) -> cv2.VideoCapture:
     return capture
 
 
+def redact(url: str) -> str:
+    """The URL as logs, JSON lines, summaries and collected file names may show it: a password replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
 def open_source(text: str) -> CaptureSource | FolderSource:
     """``--source``: a camera index (0), 'picamera', an rtsp:// or http(s):// URL, a folder of images or a video file."""
     if text.isdigit():
@@ -173,7 +183,7 @@ def open_source(text: str) -> CaptureSource | FolderSource:
     if text == "picamera":
         return CaptureSource("picamera", PicameraCapture, live=True)
     if "://" in text:
-        return CaptureSource(text, lambda: _video_capture(text, live=True), live=True)
+        return CaptureSource(redact(text), lambda: _video_capture(text, live=True), live=True)
     path = Path(text)
     if path.is_dir():
         return FolderSource(path)

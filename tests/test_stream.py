@@ -369,3 +369,24 @@ def test_a_stride_that_leaves_gaps_is_said_and_one_without_tiles_refused(stub: P
     assert run_script("stream.py", "--onnx", stub, "--source", video, "--stride", "8") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "give --tile too" in err[0]
+
+
+def test_a_password_in_a_stream_url_never_reaches_the_logs(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    assert sources.redact("rtsp://line3:s3cret@10.0.0.5:554/seam") == "rtsp://line3:***@10.0.0.5:554/seam"
+    assert sources.redact("http://camera.local/stream") == "http://camera.local/stream"
+    opened = []
+
+    class Refusing:
+        def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
+            return False
+
+        def release(self) -> None:
+            pass
+
+    monkeypatch.setattr(sources, "_video_capture", lambda target, live: opened.append(target) or Refusing())
+    monkeypatch.setattr(sources, "BACKOFF_S", (0.0,))
+    source = sources.open_source("rtsp://line3:s3cret@10.0.0.5/seam")
+    with pytest.raises(SourceError) as raised:
+        list(source.frames())
+    assert opened and opened[0] == "rtsp://line3:s3cret@10.0.0.5/seam"  # OpenCV still gets the credentials
+    assert "s3cret" not in source.name + str(raised.value) + caplog.text
