@@ -13,7 +13,7 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing import Pool
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -696,7 +696,9 @@ def generate(out_dir: Path, per_class: int | None = None, seed: int = 0, like_st
         for chunk in chunks:
             bar.update(_write_chunk(chunk))
     else:
-        with Pool(workers) as pool:
+        # spawned, not forked: a fork copies locks other threads hold (ONNX Runtime's, torch's, a logger's) and
+        # can hang a worker forever
+        with get_context("spawn").Pool(workers) as pool:
             for done in pool.imap_unordered(_write_chunk, chunks):
                 bar.update(done)
     bar.close()
