@@ -114,9 +114,10 @@ def choose_threshold(scores: np.ndarray, defective: np.ndarray, budget: float = 
 
 
 def rates_at(scores: np.ndarray, defective: np.ndarray, threshold: float) -> tuple[float, float]:
-    """(defect recall, false-alarm rate) when a score >= ``threshold`` is flagged; NaN where a group is empty."""
+    """(defect recall, false-alarm rate) when a score >= ``threshold`` is flagged, a non-finite one too (as
+    ``flag_defects`` decides on the device); NaN where a group is empty."""
     scores, defective = np.asarray(scores), np.asarray(defective, bool)
-    flagged = scores >= threshold
+    flagged = (scores >= threshold) | ~np.isfinite(scores)
     recall = float(flagged[defective].mean()) if defective.any() else float("nan")
     false_alarms = float(flagged[~defective].mean()) if (~defective).any() else float("nan")
     return recall, false_alarms
