@@ -68,7 +68,8 @@ def load_init(args: argparse.Namespace) -> dict:
     if {"model", "alpha"} & args.explicit and resolve_model(args.model, args.alpha).name != stored.model:
         raise UserError(f"--model {args.model}: --init '{args.init}' is a {stored.model}; the architecture comes from "
                         "the checkpoint, drop --model/--alpha")
-    refuse(args.explicit, {"pretrained": "--init starts from the checkpoint's trained weights: drop it"})
+    if args.pretrained:
+        refuse(args.explicit, {"pretrained": "--init starts from the checkpoint's trained weights, not ImageNet's: drop it"})
     return init
 
 

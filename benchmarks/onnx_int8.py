@@ -26,7 +26,7 @@ from data.transforms import Preprocess  # noqa: E402
 from deploy.inference import OnnxModule, ort_session  # noqa: E402
 from deploy.onnx_export import depthwise_conv_nodes, export_onnx, quantize_onnx  # noqa: E402
 from deploy.timing import benchmark, format_table, write_reports  # noqa: E402
-from engine.config import RunConfig
+from engine.config import resolve  # noqa: E402
 from engine.run import prepare_data  # noqa: E402
 from models.factory import model_from_checkpoint  # noqa: E402
 from utils.checkpoint import load_checkpoint  # noqa: E402
@@ -68,7 +68,7 @@ def main(args: argparse.Namespace) -> None:
     payload = load_checkpoint(args.checkpoint)
     description = payload["description"]
     model = model_from_checkpoint(payload)
-    bundle = prepare_data(RunConfig(seed=description.seed), Runtime(torch.device("cpu")), stored=description)
+    bundle = prepare_data(resolve({"seed": description.seed}, pinned=description), Runtime(torch.device("cpu")))
     preprocess = Preprocess(description.mean, description.std)
     train = bundle.parts["train"].images
     calibration = torch.stack([preprocess(train[i])

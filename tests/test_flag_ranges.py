@@ -44,7 +44,7 @@ SCRIPTS: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]]]] = {
     "distill.py": (("--teacher", "missing.pt"), {"--temperature": ("0",), "--kd-weight": ("1.5", "-0.1"), **MODEL, **DATA,
                                                   **TRAINING, **RUN}),
     "export.py": (("--checkpoint", "missing.pt"), {"--calibration-images": ("0",), "--runs": ("0",), "--max-drop": ("-1", "nan"),
-                                                    **DATA, **RUN}),
+                                                    **{flag: bad for flag, bad in DATA.items() if flag != "--augment"}, **RUN}),
     "predict.py": (("--onnx", "missing.onnx", "missing.jpg"), {"--top-k": ("0",), "--batch-size": ("0",), "--threads": ("0",),
                                                                 "--threshold": ("-0.1", "1.5", "nan")}),
     "compare.py": ((), {"--img-size": ("0",)}),

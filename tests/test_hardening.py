@@ -16,6 +16,7 @@ from data.loading import CachedImages, load_data, make_loader
 from data.stitchingnet import class_folder
 from data.transforms import Preprocess
 from deploy.classify import predict
+from engine.config import RunConfig
 from engine.metrics import classification_metrics, per_fabric_metrics
 from engine.run import create_run_dir
 from utils.checkpoint import load_checkpoint, save_checkpoint
@@ -177,7 +178,7 @@ def test_runs_started_at_the_same_moment_get_their_own_folders(tmp_path):
 
     def start() -> None:
         barrier.wait()
-        folders.append(create_run_dir(tmp_path, "main", "tiny", Runtime(torch.device("cpu"))))
+        folders.append(create_run_dir(RunConfig(output_dir=str(tmp_path)), "main", "tiny", Runtime(torch.device("cpu"))))
 
     threads = [threading.Thread(target=start) for _ in range(8)]
     for thread in threads:

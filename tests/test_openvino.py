@@ -143,8 +143,8 @@ def test_export_openvino_scores_records_and_benchmarks_both_irs(exported: dict) 
         assert float(rows[method]["latency_ms_1t"]) > 0 and 0 <= float(rows[method]["test_acc"]) <= 1
         assert len(list((out / "runs" / "export").glob(f"*/{method}/metrics.json"))) == 1
     assert rows["openvino-fp32"]["test_acc"] == rows["onnx-fp32"]["test_acc"]
-    assert "OpenVINO FP32 vs PyTorch: max |logit diff| random" in exported["stdout"]
-    assert "OpenVINO INT8 vs PyTorch" in exported["stdout"]
+    assert "openvino-fp32 vs PyTorch: max |logit diff| random" in exported["stdout"]
+    assert "openvino-int8 vs PyTorch" in exported["stdout"]
     artifacts = [line.split(",")[0] for line in (out / "benchmark.csv").read_text().splitlines()[1:]]
     assert artifacts == ["pytorch-eager-fp32", "onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-int8"]
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import TINY_TRAIN, run_script
 
+from engine.config import RunConfig
 from engine.run import create_run_dir
 from utils.distributed import Runtime
 from utils.results import COLUMNS, ResultsFileError, append_result, check_results_file, read_results, read_rows
@@ -101,7 +102,7 @@ def test_create_run_dir_refuses_before_making_the_run_folder(tmp_path: Path) -> 
     text = DAMAGED["more_fields"][0]
     (tmp_path / "results.csv").write_text(text)
     with pytest.raises(ResultsFileError, match="line 3"):
-        create_run_dir(tmp_path, "main", "m", Runtime(torch.device("cpu")))
+        create_run_dir(RunConfig(output_dir=str(tmp_path)), "main", "m", Runtime(torch.device("cpu")))
     assert not (tmp_path / "main").exists() and (tmp_path / "results.csv").read_text() == text
 
 

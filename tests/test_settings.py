@@ -129,7 +129,7 @@ def test_every_flag_a_checkpoint_pins_is_refused_when_it_contradicts_it(script, 
     ("main.py", ["--stats-only", "--epochs", "3"], "--epochs: --stats-only measures"),
     ("distill.py", ["--teacher", "{best}", "--student-checkpoint", "{best}", "--no-pretrained"], "--pretrained: --student-checkpoint"),
     ("distill.py", ["--teacher", "{best}", "--img-size", "48"], "--img-size 48"),
-    ("main.py", ["--init", "{best}", "--no-pretrained"], "--pretrained: --init starts from the checkpoint's trained weights"),
+    ("main.py", ["--init", "{best}", "--pretrained"], "--pretrained: --init starts from the checkpoint's trained weights"),
     ("compare.py", ["--zoo", "mobilenetv3_small_050", "--sort", "acc"], "--sort: selects and orders results rows"),
     ("compare.py", ["{best}", "--img-size", "64"], "--img-size: the input size of --zoo's FLOPs"),
 ])
