@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from conftest import ROOT, TINY_TRAIN, run_script
 
 from engine.config import RunConfig, TrainConfig
@@ -237,10 +238,13 @@ def test_zoomed_synthetic_runs_are_labelled_apart(v1_description):
 
 
 def test_the_readme_quick_start_is_a_valid_command_for_one_lines_fabrics():
-    """The README's first command must keep parsing as the flags change: it is what a new user runs first."""
+    """The README's first command, a recipe, must keep parsing as the flags change: it is what a new user runs first."""
     (line,) = [line for line in (ROOT / "README.md").read_text().splitlines() if "python main.py" in line and "pip install" in line]
+    argv = shlex.split(line.split("python main.py", 1)[1])
+    assert argv[0] == "--config" and len(line.split("&& ", 1)[1]) <= 80
     parser = runpy.run_path(str(ROOT / "main.py"), run_name="not_main")["get_args_parser"]()
-    config = RunConfig.from_flags(vars(parser.parse_args(shlex.split(line.split("python main.py", 1)[1]))))
+    parser.set_defaults(**yaml.safe_load((ROOT / argv[1]).read_text()))
+    config = RunConfig.from_flags(vars(parser.parse_args(argv[2:])))
     synthetic, root = resolve_data_source(config, None)
     assert root is None and synthetic == SyntheticSource(240, 112, 4.0, "ABJ")
     assert config.data.fabrics == ["A", "B", "J"] and config.training.epochs <= config.training.patience
