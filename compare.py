@@ -32,7 +32,7 @@ from engine.comparison import (
     write_text,
     zoo_rows,
 )
-from engine.run import DEFAULT_IMG_SIZE
+from engine.config import DEFAULT_IMG_SIZE, refuse
 from utils.cli import positive_int, run_cli
 
 log = logging.getLogger(__name__)
@@ -73,14 +73,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """--zoo lists static costs; the other flags select, order and plot results rows: one error line for a mix."""
+    if args.zoo is None:
+        refuse(args.explicit, {"img_size": "the input size of --zoo's FLOPs: add --zoo MODELS, or drop it"})
+        return
+    if args.results or args.plot or args.plot_recall:
+        raise CompareError("--zoo lists static costs only: drop the results files, --plot and --plot-recall, or drop --zoo")
+    refuse(args.explicit, dict.fromkeys(("sort", "filter", "dataset", "best_per"),
+                                        "selects and orders results rows, which --zoo does not read: drop it"))
+
+
 def main(args: argparse.Namespace) -> None:
     if args.plot:
         plot_format(args.plot)
     if args.plot_recall:
         plot_format(args.plot_recall, "--plot-recall")
+    check_flags(args)
     if args.zoo is not None:
-        if args.results or args.plot or args.plot_recall:
-            raise CompareError("--zoo lists static costs only: drop the results files, --plot and --plot-recall, or drop --zoo")
         rows = sort_rows(zoo_rows(args.zoo, args.img_size), "flops")
         header, cells = table_cells(rows, ZOO_COLUMNS)
         note = "FLOPs: fvcore, batch 1, 11 classes (same code as main.py --stats-only); size: FP32 params x 4 B."

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from data.loading import DataBundle
-from engine.config import RunConfig
+from engine.config import RunConfig, resolve
 from engine.distillation import DistillationError, check_compatible, distillation_loss_fn, prepare_teacher
 from engine.flags import add_data_args, add_model_args, add_run_args, add_training_args
-from engine.run import finetune, prepare_data, test_predictions
+from engine.run import Variant, finetune, prepare_data, test_predictions
 from models.factory import ModelSpec, create_model, data_config, model_from_checkpoint, resolve_model
 from utils.checkpoint import load_checkpoint
 from utils.cli import fraction, positive_float, run_cli
@@ -57,9 +58,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+STUDENT_FLAGS = {"model": "--student", "alpha": "--alpha", "pretrained": "--pretrained", "weights": "--weights"}
+
+
 def check_flags(args: argparse.Namespace) -> None:
-    if args.student_checkpoint and (args.model != DEFAULT_STUDENT or args.alpha is not None or args.weights):
-        raise DistillationError("--student-checkpoint replaces --student/--alpha/--weights: give one or the other")
+    given = [flag for name, flag in STUDENT_FLAGS.items() if name in args.explicit]
+    if args.student_checkpoint and given:
+        raise DistillationError(f"{', '.join(given)}: --student-checkpoint replaces --student/--alpha/--pretrained/"
+                                "--weights: give one or the other")
 
 
 def student_starts(args: argparse.Namespace, teacher: RunDescription) -> list[tuple[ModelSpec, dict | None]]:
@@ -73,9 +79,15 @@ def student_starts(args: argparse.Namespace, teacher: RunDescription) -> list[tu
     return [(resolve_model(name.strip(), args.alpha), None) for name in args.model.split(",") if name.strip()]
 
 
-def distil_student(spec: ModelSpec, payload: dict | None, teacher: torch.nn.Module, teacher_description: RunDescription,
-                   teacher_info: dict, bundle: DataBundle, args: argparse.Namespace, config: RunConfig,
-                   runtime: Runtime) -> list[dict]:
+@dataclass(frozen=True)
+class Teacher:
+    model: torch.nn.Module
+    description: RunDescription
+    info: dict  # what the students' checkpoints record of it
+
+
+def distil_student(spec: ModelSpec, payload: dict | None, teacher: Teacher, bundle: DataBundle, args: argparse.Namespace,
+                   config: RunConfig, runtime: Runtime) -> list[dict]:
     """The KD run, then (with --baseline) the student alone from the same start; returns the rows (rank 0)."""
     num_classes = len(bundle.class_names)
     if payload is None:
@@ -85,19 +97,18 @@ def distil_student(spec: ModelSpec, payload: dict | None, teacher: torch.nn.Modu
         stored = payload["description"]
         norm = {"mean": stored.mean, "std": stored.std}
         carried = {"pruned": stored.pruned, "extra": stored.extra}  # a pruned student keeps its architecture
-    loss_fn = distillation_loss_fn(teacher, args.temperature, args.kd_weight, (norm["mean"], norm["std"]),
-                                   (teacher_description.mean, teacher_description.std))
-    runs = [("kd", loss_fn, {**carried, "teacher": teacher_info})] + ([("fp32", None, carried)] if args.baseline else [])
+    loss_fn = distillation_loss_fn(teacher.model, args.temperature, args.kd_weight, (norm["mean"], norm["std"]),
+                                   (teacher.description.mean, teacher.description.std))
+    runs = [("kd", loss_fn, {**carried, "teacher": teacher.info})] + ([("fp32", None, carried)] if args.baseline else [])
     rows = []
     for method, run_loss_fn, sections in runs:
         start = (model_from_checkpoint(payload), True) if payload is not None else None
         log.info("--- %s: %s", spec.name, "with the teacher (kd)" if run_loss_fn else "alone (baseline, fp32)")
-        _, row = finetune(spec, bundle, config, runtime, script="distill", loss_fn=run_loss_fn, method=method,
-                          start=start, sections=sections)
+        _, row = finetune(spec, bundle, config, runtime, Variant("distill", method, run_loss_fn, start, sections))
         rows.append(row)
     if runtime.is_main:
         kd_acc = rows[0]["test_acc"]
-        line = f"{spec.name}: test acc with KD {kd_acc:.4f}, teacher {teacher_info['model']} {teacher_info['test_acc']:.4f}"
+        line = f"{spec.name}: test acc with KD {kd_acc:.4f}, teacher {teacher.info['model']} {teacher.info['test_acc']:.4f}"
         if args.baseline:
             alone = rows[1]["test_acc"]
             line += f", student alone {alone:.4f} (KD gain {100 * (kd_acc - alone):+.2f} points)"
@@ -110,10 +121,10 @@ def main(args: argparse.Namespace) -> None:
     teacher_checkpoint = load_checkpoint(args.teacher)
     teacher_description = teacher_checkpoint["description"]
     students = student_starts(args, teacher_description)
-    config = RunConfig.from_flags(vars(args)).with_data(img_size=teacher_description.img_size)
-    runtime = setup_runtime(args.device, args.amp)
+    config = resolve(vars(args), pinned=teacher_description, fixed=("img_size",))
+    runtime = setup_runtime(config.device, config.amp)
     try:
-        bundle = prepare_data(config, runtime, stored=teacher_description)
+        bundle = prepare_data(config, runtime)
         teacher = prepare_teacher(model_from_checkpoint(teacher_checkpoint), runtime)
         teacher_acc = None
         if runtime.is_main:
@@ -124,7 +135,8 @@ def main(args: argparse.Namespace) -> None:
                         "test_acc": broadcast(teacher_acc, runtime), "temperature": args.temperature, "kd_weight": args.kd_weight}
         rows = []
         for spec, payload in students:
-            rows += distil_student(spec, payload, teacher, teacher_description, teacher_info, bundle, args, config, runtime)
+            rows += distil_student(spec, payload, Teacher(teacher, teacher_description, teacher_info), bundle, args, config,
+                                   runtime)
         if runtime.is_main:
             print_table(rows)
     finally:

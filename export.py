@@ -12,28 +12,28 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
+import importlib.metadata
 import logging
 import platform
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 import torch
 from torch.utils.data import DataLoader
 
 from data.loading import DataBundle, make_loader
 from data.transforms import Preprocess
 from deploy.edge import all_threads
-from deploy.inference import OnnxModule, save_torchscript_artifact, trace_torchscript
-from deploy.onnx_export import check_parity, deploy_info, export_onnx, quantize_onnx, stamp_operating_point
+from deploy.formats import ExportJob, Format, selected_formats
+from deploy.onnx_export import check_parity
 from deploy.timing import benchmark, format_table, write_reports
-from engine.config import RunConfig
+from engine.config import RunConfig, refuse, resolve
 from engine.flags import add_data_args, add_run_args
 from engine.loop import evaluate
-from engine.run import choose_threshold_on_val, create_run_dir, log_test_row, prepare_data, record
+from engine.run import Result, choose_threshold_on_val, create_run_dir, log_test_row, prepare_data, record
 from models.factory import model_from_checkpoint
 from models.stats import model_stats, time_runs
 from utils.checkpoint import CheckpointError, load_checkpoint
@@ -42,7 +42,6 @@ from utils.description import RunDescription
 from utils.distributed import Runtime
 from utils.errors import UserError
 from utils.io import save_json
-from utils.operating_point import OperatingPoint
 from utils.results import print_table
 
 log = logging.getLogger(__name__)
@@ -87,8 +86,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="with --benchmark: a PyTorch INT8 TorchScript file of this checkpoint (from quantization-train.py)")
     parser.add_argument("--runs", type=positive_int, default=200,
                         help="timed batch-1 runs per artifact and thread count (default: %(default)s)")
-    add_data_args(parser)
-    add_run_args(parser)
+    add_data_args(parser, omit=("augment",))
+    add_run_args(parser, omit=("device", "amp"))  # every artifact is exported, scored and timed on the CPU
     return parser
 
 
@@ -108,112 +107,98 @@ def latency_ms(module: torch.nn.Module, img_size: int) -> float:
     return float(np.median(times) * 1000)
 
 
-def main(args: argparse.Namespace) -> None:
+def check_flags(args: argparse.Namespace) -> None:
     if args.max_drop is not None and not (args.openvino and args.int8):
         raise UserError("--max-drop bounds the accuracy loss of the OpenVINO INT8 model: add --openvino --int8")
     if args.torch_int8 and not args.benchmark:
         raise CheckpointError("--torch-int8 is only used by --benchmark: add --benchmark")
-    torch_int8 = load_torch_int8(args.torch_int8) if args.torch_int8 else None  # a bad file fails before any work
-    payload = load_checkpoint(args.checkpoint)
+    unused = {"runs": "sets the --benchmark timing runs: add --benchmark"} if not args.benchmark else {}
+    if not args.int8:
+        unused["calibration_images"] = "calibrates the INT8 models: add --int8"
+    refuse(args.explicit, unused)
+
+
+def load_fp32(path: str) -> dict:
+    payload = load_checkpoint(path)
     stored = payload["description"]
     if stored.quantization is not None or stored.method == "qat-fake-quant":
         raise CheckpointError(
-            f"'{args.checkpoint}' is a PyTorch INT8 checkpoint: export its FP32 source "
+            f"'{path}' is a PyTorch INT8 checkpoint: export its FP32 source "
             f"({stored.fp32_checkpoint or 'the best.pt it was quantised from'}) with --int8, and benchmark "
             "the INT8 file with --torch-int8 <run>/int8_<mode>.torchscript.pt")
+    return payload
+
+
+def main(args: argparse.Namespace) -> None:
+    check_flags(args)
+    torch_int8 = load_torch_int8(args.torch_int8) if args.torch_int8 else None  # a bad file fails before any work
+    payload = load_fp32(args.checkpoint)
+    config = resolve(vars(args), pinned=payload["description"])
+    description = payload["description"].replace(img_size=config.data.img_size)
     model = model_from_checkpoint(payload)
-    config = RunConfig.from_flags(vars(args))
-    description = stored.replace(img_size=config.data.img_size or stored.img_size)
-    size, mean, std = description.img_size, description.mean, description.std
-    runtime = CPU
-    bundle = prepare_data(config, runtime, stored=description)
-    preprocess = Preprocess(mean, std)
-    split_loaders = {split: make_loader(bundle.parts[split], preprocess, batch_size=64, workers=args.workers, train=False, seed=args.seed)
-                     for split in ("val", "test")}
-    real = torch.stack([preprocess(image) for image in bundle.parts["test"].images[:PARITY_IMAGES]])
-    parity_inputs = {"random": torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(args.seed)), "real": real}
-
-    run_dir = create_run_dir(config.output_dir, "export", description.model, runtime)
-    fp32_path = Path(args.out) if args.out else run_dir / "model.onnx"
-    stats = model_stats(model, size, len(bundle.class_names))
-    rows = []
-
-    export_onnx(model, description, fp32_path)
-    check_parity("ONNX Runtime FP32", model, OnnxModule(fp32_path), parity_inputs)
-    scoring = Scoring(run_dir, split_loaders, bundle, description, stats, config)
-    rows.append(score(fp32_path, "onnx-fp32", OnnxModule, stamp_operating_point, scoring))
-    artifacts = {"pytorch-eager-fp32": lambda threads: model}
-
-    if args.torchscript:
-        scripted_path = fp32_path.with_suffix(".torchscript.pt")
-        scripted = trace_torchscript(model, size)
-        check_parity("TorchScript FP32", model, scripted, parity_inputs)
-        point = choose_threshold_on_val(evaluate(scripted, split_loaders["val"], CPU, desc="val torchscript"), bundle, config,
-                                        "torchscript-fp32")
-        save_torchscript_artifact(scripted, description, scripted_path, point)
-        log.info("TorchScript FP32: %s", scripted_path)
-        artifacts["torchscript-fp32"] = lambda threads: scripted
+    bundle = prepare_data(config, CPU)
+    run_dir = create_run_dir(config, "export", description.model, CPU)
+    job = export_job(model, description, bundle, Path(args.out) if args.out else run_dir / "model.onnx", args)
+    scoring = Scoring(run_dir, bundle, description, model_stats(model, description.img_size, len(bundle.class_names)), config)
+    rows, summary, artifacts = [], {}, {"pytorch-eager-fp32": lambda threads: model}
+    formats = selected_formats(vars(args))
+    for fmt in formats:
+        row, extra = export_format(fmt, job, scoring)
+        rows.append(row)
+        summary[fmt.method] = {**{key: row.get(key) for key in SUMMARY_KEYS}, **extra}
+        artifacts[fmt.runtime] = functools.partial(fmt.load, job.path(fmt.suffix))
     if torch_int8 is not None:
         artifacts["pytorch-int8"] = torch_int8
-    artifacts["onnxruntime-fp32"] = lambda threads: OnnxModule(fp32_path, threads)
-
-    calibration, accuracy_control = None, None
-    if args.int8:
-        int8_path = fp32_path.with_suffix(".int8.onnx")
-        train_images = bundle.parts["train"].images
-        chosen = np.random.default_rng(args.seed).permutation(len(train_images))[:args.calibration_images]
-        calibration = torch.stack([preprocess(train_images[i]) for i in chosen]).numpy()
-        quantize_onnx(fp32_path, int8_path, calibration)
-        rows.append(score(int8_path, "onnx-int8", OnnxModule, stamp_operating_point, scoring))
-        artifacts["onnxruntime-int8"] = lambda threads: OnnxModule(int8_path, threads)
-
-    versions = f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}"
-    if args.openvino:
-        import openvino  # with NNCF, seconds to import: only for --openvino
-
-        from deploy.openvino_export import (
-            OpenVinoModule,
-            export_openvino,
-            ir_bytes,
-            quantize_openvino,
-            quantize_openvino_with_accuracy_control,
-            stamp_operating_point_ir,
-        )
-
-        versions += f", openvino {openvino.get_version()}"
-        ov_path = fp32_path.with_suffix(".xml")
-        fp32_ir = export_openvino(fp32_path, ov_path)
-        check_parity("OpenVINO FP32", model, OpenVinoModule(ov_path), parity_inputs)
-        rows.append(score(ov_path, "openvino-fp32", OpenVinoModule, stamp_operating_point_ir, scoring, ir_bytes))
-        artifacts["openvino-fp32"] = lambda threads: OpenVinoModule(ov_path, threads)
-        if calibration is not None:
-            ov_int8_path = fp32_path.with_suffix(".int8.xml")
-            if args.max_drop is None:
-                quantize_openvino(fp32_ir, deploy_info(description), ov_int8_path, calibration)
-            else:
-                val = bundle.parts["val"]
-                val_images = torch.stack([preprocess(image) for image in val.images]).numpy()
-                accuracy_control = quantize_openvino_with_accuracy_control(
-                    fp32_ir, deploy_info(description), ov_int8_path, calibration, val_images, val.labels, args.max_drop)[1]
-            check_parity("OpenVINO INT8", model, OpenVinoModule(ov_int8_path), parity_inputs, gated=False)
-            rows.append(score(ov_int8_path, "openvino-int8", OpenVinoModule, stamp_operating_point_ir, scoring, ir_bytes))
-            artifacts["openvino-int8"] = lambda threads: OpenVinoModule(ov_int8_path, threads)
-
-    summary = {row["method"]: {key: row.get(key) for key in ("checkpoint", "test_acc", "file_mb", "threshold", "op_defect_recall",
-                                                          "op_false_alarm_rate")} for row in rows}
-    if accuracy_control:
-        summary["openvino-int8"]["accuracy_control"] = accuracy_control
     save_json(summary, run_dir / "summary.json")
     print_table(rows)
     if args.benchmark:
-        log.info("benchmark: %d artifacts, %d runs each at 1 and %d threads ...", len(artifacts), args.runs, all_threads())
-        timings = benchmark(artifacts, size, runs=args.runs, warmup=min(20, args.runs))
-        print(format_table(timings))
-        context = (f"{description.model} at {size} px, {len(bundle.class_names)} classes; batch-1 latency over {args.runs} runs "
-                   f"after warm-up, batch-32 throughput over 10 runs; CPU {cpu_name()}, {all_threads()} logical cores; "
-                   f"{versions}; {dt.date.today().isoformat()}")
-        write_reports(timings, fp32_path.parent / "benchmark.csv", fp32_path.parent / "benchmark.md", context)
-        log.info("benchmark written to %s and benchmark.md", fp32_path.parent / "benchmark.csv")
+        benchmark_artifacts(artifacts, job, formats, args.runs, len(bundle.class_names))
+
+
+SUMMARY_KEYS = ("checkpoint", "test_acc", "file_mb", "threshold", "op_defect_recall", "op_false_alarm_rate")
+
+
+def export_job(model: torch.nn.Module, description: RunDescription, bundle: DataBundle, onnx_path: Path,
+               args: argparse.Namespace) -> ExportJob:
+    """The export's model and paths, with the calibration images (--calibration-images training images, seeded)
+    and the validation split, both preprocessed as evaluation does, made when a format first needs them."""
+    preprocess = Preprocess(description.mean, description.std)
+
+    @functools.cache
+    def calibration() -> np.ndarray:
+        images = bundle.parts["train"].images
+        chosen = np.random.default_rng(args.seed).permutation(len(images))[:args.calibration_images]
+        return torch.stack([preprocess(images[i]) for i in chosen]).numpy()
+
+    def validation() -> tuple[np.ndarray, np.ndarray]:
+        val = bundle.parts["val"]
+        return torch.stack([preprocess(image) for image in val.images]).numpy(), val.labels
+
+    return ExportJob(model, description, onnx_path, calibration, validation, args.max_drop)
+
+
+def export_format(fmt: Format, job: ExportJob, scoring: Scoring) -> tuple[dict, dict]:
+    """Write one artifact, check it against PyTorch, score it through its own runtime; (results row, summary extras)."""
+    path = job.path(fmt.suffix)
+    extra = fmt.write(job, path)
+    check_parity(fmt.method, job.model, fmt.load(path, 1), scoring.parity_inputs, gated=fmt.gated)
+    return score(path, fmt, scoring), extra
+
+
+def benchmark_artifacts(artifacts: dict, job: ExportJob, formats: list[Format], runs: int, num_classes: int) -> None:
+    """Time every artifact in this process on the same inputs; benchmark.csv and benchmark.md beside the ONNX file."""
+    size = job.description.img_size
+    log.info("benchmark: %d artifacts, %d runs each at 1 and %d threads ...", len(artifacts), runs, all_threads())
+    timings = benchmark(artifacts, size, runs=runs, warmup=min(20, runs))
+    print(format_table(timings))
+    libraries = dict.fromkeys(["torch", *(fmt.library for fmt in formats)])
+    versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in libraries)
+    context = (f"{job.description.model} at {size} px, {num_classes} classes; batch-1 latency over {runs} runs "
+               f"after warm-up, batch-32 throughput over 10 runs; CPU {cpu_name()}, {all_threads()} logical cores; "
+               f"{versions}; {dt.date.today().isoformat()}")
+    folder = job.onnx_path.parent
+    write_reports(timings, folder / "benchmark.csv", folder / "benchmark.md", context)
+    log.info("benchmark written to %s and benchmark.md", folder / "benchmark.csv")
 
 
 @dataclass(frozen=True)
@@ -221,26 +206,39 @@ class Scoring:
     """What scoring an artifact needs besides the artifact: where its report goes, the data, its cost, the settings."""
 
     run_dir: Path
-    loaders: dict[str, DataLoader]  # "val" (the threshold) and "test" (the figures)
     bundle: DataBundle
     description: RunDescription
     stats: dict
     config: RunConfig
 
+    @functools.cached_property
+    def loaders(self) -> dict[str, DataLoader]:
+        """"val" (the threshold) and "test" (the figures), preprocessed as evaluation does."""
+        preprocess = Preprocess(self.description.mean, self.description.std)
+        return {split: make_loader(self.bundle.parts[split], preprocess, batch_size=64, workers=self.config.data.workers,
+                                   train=False, seed=self.config.seed) for split in ("val", "test")}
 
-def score(path: Path, method: str, load: Callable[[Path, int], torch.nn.Module],
-          stamp: Callable[[Path, OperatingPoint | None], None], scoring: Scoring, size_of: Callable[[Path], int] | None = None) -> dict:
-    """Through the artifact's runtime (``load(path, threads)``: OnnxModule, OpenVinoModule): its own defect threshold
-    chosen on the validation split and written into its metadata (``stamp``), then its test-split figures written as
-    a results row like every other model's (report in run_dir/method). ``size_of``: the artifact's bytes on disk."""
-    module = load(path, all_threads())
+    @functools.cached_property
+    def parity_inputs(self) -> dict[str, torch.Tensor]:
+        """Random inputs and the first test images: what every artifact's logits are compared with PyTorch's on."""
+        size, preprocess = self.description.img_size, Preprocess(self.description.mean, self.description.std)
+        real = torch.stack([preprocess(image) for image in self.bundle.parts["test"].images[:PARITY_IMAGES]])
+        noise = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(self.config.seed))
+        return {"random": noise, "real": real}
+
+
+def score(path: Path, fmt: Format, scoring: Scoring) -> dict:
+    """Through the artifact's runtime: its own defect threshold chosen on the validation split and written into its
+    metadata, then its test-split figures written as a results row like every other model's (report in
+    run_dir/method)."""
+    module, method = fmt.load(path, all_threads()), fmt.method
     val = evaluate(module, scoring.loaders["val"], CPU, desc=f"val {method}")
     point = choose_threshold_on_val(val, scoring.bundle, scoring.config, method)
-    stamp(path, point)
+    fmt.stamp(path, point)
     output = evaluate(module, scoring.loaders["test"], CPU, desc=method)
-    row = record(output, scoring.bundle, scoring.description, scoring.run_dir, None, path, scoring.config.output_dir, "export",
-                 method, latency_ms=latency_ms(load(path, 1), scoring.description.img_size), stats=scoring.stats,
-                 report_dir=scoring.run_dir / method, file_bytes=size_of(path) if size_of else None, point=point)
+    result = Result("export", method, output, point, path, report_dir=scoring.run_dir / method, file_bytes=fmt.size_of(path),
+                    stats=scoring.stats, latency_ms=latency_ms(fmt.load(path, 1), scoring.description.img_size))
+    row = record(result, scoring.bundle, scoring.description, scoring.run_dir, scoring.config.output_dir)
     log.info("%s: %s (%s MB), test acc %.4f, %.2f ms at 1 thread", method, path, row["file_mb"], row["test_acc"], row["latency_ms_1t"])
     log_test_row(row)
     return row

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from engine.config import RunConfig
+from engine.config import refuse, resolve
 from engine.flags import add_data_args, add_model_args, add_run_args, add_training_args
-from engine.run import DEFAULT_IMG_SIZE, finetune, prepare_data
+from engine.run import Variant, finetune, prepare_data
 from models.factory import ModelSpec, create_model, model_from_checkpoint, resolve_model
 from models.stats import model_stats
 from utils.checkpoint import CheckpointError, load_checkpoint
@@ -23,8 +23,12 @@ from utils.distributed import cleanup, setup_runtime
 from utils.errors import UserError
 from utils.results import print_table
 
-# Kept from the command line on resume; everything else (workers too: they shape the augmentation streams) comes from the checkpoint.
+# Kept from the command line on resume; everything else (workers too: they shape the augmentation streams) comes from
+# the checkpoint, and a flag that would change it is refused.
 KEPT_ON_RESUME = ("resume", "device", "verbosity")
+RESUMED = "--resume continues the run with the settings it started with: drop it (a new run from its weights: --init)"
+USED_BY_STATS = ("stats_only", "model", "alpha", "img_size", "verbosity")
+STATS_ONLY = "--stats-only measures --model/--alpha at --img-size without data or training: drop it"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -61,10 +65,10 @@ def load_init(args: argparse.Namespace) -> dict:
     stored = init["description"]
     if stored.quantization is not None:
         raise CheckpointError(f"--init '{args.init}' is an INT8 checkpoint: start from the FP32 best.pt it was made from")
-    default = get_args_parser().get_default("model")
-    if (args.model, args.alpha) != (default, None) and resolve_model(args.model, args.alpha).name != stored.model:
+    if {"model", "alpha"} & args.explicit and resolve_model(args.model, args.alpha).name != stored.model:
         raise UserError(f"--model {args.model}: --init '{args.init}' is a {stored.model}; the architecture comes from "
                         "the checkpoint, drop --model/--alpha")
+    refuse(args.explicit, {"pretrained": "--init starts from the checkpoint's trained weights: drop it"})
     return init
 
 
@@ -77,39 +81,36 @@ def start_from(payload: dict) -> tuple[tuple[torch.nn.Module, bool], dict]:
 def main(args: argparse.Namespace) -> None:
     if args.init and (args.resume or args.weights):
         raise UserError("--init starts a new run from a checkpoint's weights: drop --resume and --weights")
-    flags = vars(args)
-    start = sections = init = None
+    start = sections = init = checkpoint = None
     if args.resume:
         checkpoint = load_checkpoint(args.resume)
         if "resume" not in checkpoint:
             raise CheckpointError(f"'{args.resume}' has no training state: resume from a run's last.pt, not best.pt")
         stored = checkpoint["description"]
-        flags = {**stored.args, **{key: flags[key] for key in KEPT_ON_RESUME}}
+        refuse(args.explicit, {name: RESUMED for name in args.explicit if name not in KEPT_ON_RESUME})
+        config = resolve({**stored.args, **{key: vars(args)[key] for key in KEPT_ON_RESUME}}, pinned=stored)
         specs = [ModelSpec(stored.model, stored.family, stored.alpha)]
         if stored.args.get("init"):  # an --init run goes on in its checkpoint's architecture, from trained weights
             start, sections = start_from(checkpoint)
-    else:
-        stored, checkpoint = None, None
-        specs = [resolve_model(name.strip(), args.alpha) for name in args.model.split(",") if name.strip()]
-    config = RunConfig.from_flags(flags)
-    if stored is not None:  # an --init run without --img-size has its checkpoint's size
-        config = config.with_data(img_size=config.data.img_size or stored.img_size)
-    if args.init:
+    elif args.init:
         init = load_init(args)
-        init_description = init["description"]
-        specs = [ModelSpec(init_description.model, init_description.family, init_description.alpha)]
+        config = resolve(vars(args), start=init["description"])
+        specs = [ModelSpec(init["description"].model, init["description"].family, init["description"].alpha)]
         start, sections = start_from(init)
-        config = config.with_data(img_size=config.data.img_size or init_description.img_size)
-    if flags.get("stats_only"):
-        print_stats(specs, config.data.img_size or DEFAULT_IMG_SIZE)
+    else:
+        config = resolve(vars(args))
+        specs = [resolve_model(name.strip(), args.alpha) for name in args.model.split(",") if name.strip()]
+    if args.stats_only:
+        refuse(args.explicit, {name: STATS_ONLY for name in args.explicit if name not in USED_BY_STATS})
+        print_stats(specs, config.data.img_size)
         return
-    runtime = setup_runtime(flags["device"], flags["amp"])
+    runtime = setup_runtime(config.device, config.amp)
     try:
-        bundle = prepare_data(config, runtime, stored=stored, init=init["description"] if init else None)
+        bundle = prepare_data(config, runtime, init=init["description"] if init else None)
         rows = []
         for spec in specs:
             resume_dir = Path(args.resume).parent if checkpoint else None
-            _, row = finetune(spec, bundle, config, runtime, resume=checkpoint, resume_dir=resume_dir, start=start, sections=sections)
+            _, row = finetune(spec, bundle, config, runtime, Variant(start=start, sections=sections), checkpoint, resume_dir)
             rows.append(row)
         if runtime.is_main:
             print_table(rows)

@@ -9,11 +9,17 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 
-from engine.config import RunConfig
+import torch
+
+from data.loading import DataBundle
+from engine.config import RunConfig, resolve
 from engine.flags import add_data_args, add_run_args, add_training_args
 from engine.loop import evaluate
 from engine.run import (
+    Result,
     choose_threshold_on_val,
     create_run_dir,
     describe,
@@ -30,7 +36,8 @@ from models.pruning import IMPORTANCES, ChannelPruner, PruneConfig, PruningError
 from models.stats import count_flops, measure_latency, model_stats
 from utils.checkpoint import load_checkpoint
 from utils.cli import positive_int, run_cli
-from utils.distributed import setup_runtime
+from utils.description import RunDescription
+from utils.distributed import Runtime, setup_runtime
 from utils.io import save_json
 from utils.results import print_table
 
@@ -81,48 +88,31 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     checkpoint = load_checkpoint(args.checkpoint)
     stored = checkpoint["description"]
-    runtime = setup_runtime(args.device, args.amp)
+    config = resolve(vars(args), pinned=stored)
+    runtime = setup_runtime(config.device, config.amp)
     if runtime.distributed:
         raise PruningError("prune.py runs in one process: start it with python, not torchrun")
-    seed_everything(args.seed)
+    seed_everything(config.seed)
     model = model_from_checkpoint(checkpoint)
     unpruned = copy.deepcopy(model)
-    config = RunConfig.from_flags(vars(args))
-    img_size = config.data.img_size or stored.img_size
+    img_size = config.data.img_size
     base_flops = count_flops(model, img_size)
     pruning = PruneConfig(
         args.importance, args.global_pruning, args.iterative_steps, args.round_to, args.ratio,
         parse_flops(args.target_flops, base_flops) if args.target_flops else None,
     )
-    bundle = prepare_data(config, runtime, stored=stored)
-    spec = ModelSpec(stored.model, stored.family, stored.alpha)
-    description = describe("prune", "prune", spec, bundle, img_size, stored.mean, stored.std,
-                           pretrained=stored.pretrained, config=config)
+    bundle = prepare_data(config, runtime)
+    description = describe("prune", "prune", ModelSpec(stored.model, stored.family, stored.alpha), bundle, config,
+                           {"mean": stored.mean, "std": stored.std}, pretrained=stored.pretrained)
     data = loaders(bundle, description, config, runtime)
     batches = [batch for batch, _ in zip(data["train"], range(TAYLOR_BATCHES))] if args.importance == "taylor" else []
     pruner = ChannelPruner(model, img_size, pruning, batches)  # checks --target-flops before any training
-    run_dir = create_run_dir(config.output_dir, "prune", stored.model, runtime)
+    run_dir = create_run_dir(config, "prune", stored.model, runtime)
     save_json(bundle.split, run_dir / "split.json")
     base_val = evaluate(model, data["val"], runtime, desc="val")
     log.info("%s: %s FLOPs, val acc %.4f before pruning; run folder %s", stored.model, f"{base_flops:,}", base_val.acc, run_dir)
-
-    rounds, epochs_run = [], 0
-    for index in range(1, pruning.steps + 1):
-        flops = pruner.step(index)
-        pruned_val = evaluate(model, data["val"], runtime, desc="val")
-        rounds.append({"round": index, "flops": flops, "flops_share": round(flops / base_flops, 4), "val_acc_pruned": pruned_val.acc})
-        log.info("round %d/%d: %s FLOPs (%.1f%% of the unpruned), val acc %.4f before fine-tuning", index, pruning.steps,
-                 f"{flops:,}", 100 * flops / base_flops, pruned_val.acc)
-        final = index == pruning.steps
-        if final:
-            test_before = evaluate(model, data["test"], runtime, desc="test").acc
-            log.info("test acc %.4f before fine-tuning", test_before)
-        round_dir = run_dir if final else run_dir / f"round{index}"
-        round_dir.mkdir(exist_ok=True)
-        description = description.replace(pruned={**pruning.describe(), "base_flops": base_flops, "architecture": architecture(model)})
-        epochs_run += train(prepare_model(model, runtime), bundle, description, config, runtime, round_dir).epochs_run
-        model.load_state_dict(load_checkpoint(round_dir / "best.pt")["model"])
-        rounds[-1]["val_acc_finetuned"] = evaluate(model, data["val"], runtime, desc="val").acc
+    job = PruneJob(model, pruner, pruning, base_flops, bundle, description, config, runtime, run_dir, data)
+    rounds, epochs_run, test_before, description = prune_and_finetune(job)
 
     best_path = run_dir / "best.pt"
     point = choose_threshold_on_val(evaluate(model, data["val"], runtime, desc="val"), bundle, config, "the pruned model")
@@ -130,8 +120,8 @@ def main(args: argparse.Namespace) -> None:
     stamp_metrics(best_path, output, point)
     unpruned_ms = measure_latency(prepare_model(unpruned, runtime), img_size)  # same process, same memory format
     pruned_ms = measure_latency(model, img_size)
-    row = record(output, bundle, description, run_dir, model, best_path, config.output_dir, "prune", "prune",
-                 epochs=epochs_run, latency_ms=pruned_ms, point=point)
+    row = record(Result("prune", "prune", output, point, best_path, epochs_run, latency_ms=pruned_ms), bundle, description,
+                 run_dir, config.output_dir, model)
     save_json({
         "unpruned": {**model_stats(unpruned, img_size, len(bundle.class_names)), "latency_ms_1t": unpruned_ms,
                      "val_acc": base_val.acc, "checkpoint": str(args.checkpoint)},
@@ -143,6 +133,48 @@ def main(args: argparse.Namespace) -> None:
              "unpruned", row["test_acc"], test_before, f"{row['flops']:,}", 100 * row["flops"] / base_flops, f"{row['params']:,}",
              pruned_ms, unpruned_ms)
     print_table([row])
+
+
+@dataclass(frozen=True)
+class PruneJob:
+    """The model being pruned in place, its pruner and what fine-tuning each round needs."""
+
+    model: torch.nn.Module
+    pruner: ChannelPruner
+    pruning: PruneConfig
+    base_flops: int
+    bundle: DataBundle
+    description: RunDescription
+    config: RunConfig
+    runtime: Runtime
+    run_dir: Path
+    data: dict
+
+
+def prune_and_finetune(job: PruneJob) -> tuple[list[dict], int, float, RunDescription]:
+    """Each round: prune, fine-tune (the last round in the run folder, earlier ones in round<k>/), reload the best
+    weights. Returns the rounds' figures, the epochs run, the test accuracy before the last fine-tuning and the
+    pruned model's description."""
+    model, runtime, steps = job.model, job.runtime, job.pruning.steps
+    rounds, epochs_run, description = [], 0, job.description
+    for index in range(1, steps + 1):
+        flops = job.pruner.step(index)
+        pruned_val = evaluate(model, job.data["val"], runtime, desc="val")
+        rounds.append({"round": index, "flops": flops, "flops_share": round(flops / job.base_flops, 4),
+                       "val_acc_pruned": pruned_val.acc})
+        log.info("round %d/%d: %s FLOPs (%.1f%% of the unpruned), val acc %.4f before fine-tuning", index, steps,
+                 f"{flops:,}", 100 * flops / job.base_flops, pruned_val.acc)
+        if index == steps:
+            test_before = evaluate(model, job.data["test"], runtime, desc="test").acc
+            log.info("test acc %.4f before fine-tuning", test_before)
+        round_dir = job.run_dir if index == steps else job.run_dir / f"round{index}"
+        round_dir.mkdir(exist_ok=True)
+        description = description.replace(pruned={**job.pruning.describe(), "base_flops": job.base_flops,
+                                                  "architecture": architecture(model)})
+        epochs_run += train(prepare_model(model, runtime), job.bundle, description, job.config, runtime, round_dir).epochs_run
+        model.load_state_dict(load_checkpoint(round_dir / "best.pt")["model"])
+        rounds[-1]["val_acc_finetuned"] = evaluate(model, job.data["val"], runtime, desc="val").acc
+    return rounds, epochs_run, test_before, description
 
 
 if __name__ == "__main__":

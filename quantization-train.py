@@ -21,10 +21,21 @@ import torch
 from torch.utils.data import DataLoader
 
 from data.loading import DataBundle
-from engine.config import RunConfig
+from engine.config import RunConfig, refuse, resolve
 from engine.flags import add_data_args, add_model_args, add_run_args, add_training_args
-from engine.loop import EvalOutput, evaluate
-from engine.run import choose_threshold_on_val, create_run_dir, finetune, loaders, prepare_data, prepare_model, record, train
+from engine.loop import EvalOutput, Hooks, evaluate
+from engine.run import (
+    Result,
+    Variant,
+    choose_threshold_on_val,
+    create_run_dir,
+    finetune,
+    loaders,
+    prepare_data,
+    prepare_model,
+    record,
+    train,
+)
 from models.factory import model_from_checkpoint, resolve_model
 from models.quantize import (
     ACTIVATION_OBSERVERS,
@@ -113,29 +124,49 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def fp32_source(args: argparse.Namespace, config: RunConfig, runtime: Runtime) -> tuple[Path, dict, DataBundle, Path]:
+def load_fp32(path: str) -> dict:
+    payload = load_checkpoint(path)
+    if payload["description"].quantization is not None:
+        raise CheckpointError(f"'{path}' is already INT8: pass the FP32 best.pt it was made from")
+    return payload
+
+
+def fp32_source(args: argparse.Namespace, payload: dict | None, config: RunConfig,
+                runtime: Runtime) -> tuple[Path, dict, DataBundle, Path]:
     """The FP32 checkpoint (given, or fine-tuned now), its data and the run folder."""
-    if args.checkpoint:
-        payload = load_checkpoint(args.checkpoint)
-        if payload["description"].quantization is not None:
-            raise CheckpointError(f"'{args.checkpoint}' is already INT8: pass the FP32 best.pt it was made from")
-        bundle = prepare_data(config, runtime, stored=payload["description"])
-        run_dir = create_run_dir(config.output_dir, SCRIPT, payload["description"].model, runtime)
+    if payload is not None:
+        bundle = prepare_data(config, runtime)
+        run_dir = create_run_dir(config, SCRIPT, payload["description"].model, runtime)
         return Path(args.checkpoint), payload, bundle, run_dir
     spec = resolve_model(args.model, args.alpha)
     bundle = prepare_data(config, runtime)
-    run_dir, _ = finetune(spec, bundle, config, runtime, script=SCRIPT)
+    run_dir, _ = finetune(spec, bundle, config, runtime, Variant(script=SCRIPT))
     return run_dir / "best.pt", load_checkpoint(run_dir / "best.pt"), bundle, run_dir
 
 
 PTQ_METHODS = {"equalize": "--equalize", "bias_correction": "--bias-correction", "max_drop": "--max-drop"}  # FX PTQ only
 
 
+FP32_TRAINING = ("model", "alpha", "pretrained", "weights", "epochs", "lr", "lr_backbone", "warmup_epochs")
+QAT_ONLY = ("qat_epochs", "qat_lr", "observer_epochs", "bn_freeze_epochs", "patience", "weight_decay", "label_smoothing",
+            "clip_grad_norm", "augment")
+
+
 def check_modes(args: argparse.Namespace) -> None:
-    """Resolve --mode for the API; one error line, before any work, for a PTQ method that would be ignored (with
-    --mode qat) or that the API lacks (--api pt2e)."""
+    """Resolve --mode for the API; one error line, before any work, for a flag the run would ignore: a PTQ method
+    with --mode qat or --api pt2e, a QAT or fine-tuning flag where there is no such training."""
     if args.mode is None:
         args.mode = "ptq" if args.api == "pt2e" else "both"
+    if args.checkpoint:
+        refuse(args.explicit, dict.fromkeys(FP32_TRAINING, "the FP32 model comes from --checkpoint, so there is no FP32 "
+                                                           "fine-tune to set up: drop it (QAT: --qat-epochs, --qat-lr)"))
+    if args.mode == "ptq":
+        refuse(args.explicit, dict.fromkeys(QAT_ONLY if args.checkpoint else QAT_ONLY[:4],
+                                            "sets up QAT, which --mode ptq does not run: drop it or use --mode both"))
+    if args.mode == "qat":
+        refuse(args.explicit, {"calib_batches": "PTQ calibration, which --mode qat does not run: drop it"})
+    if args.api == "fx":
+        refuse(args.explicit, {"compile": "times the --api pt2e model: drop it, or add --api pt2e"})
     used = [flag for name, flag in PTQ_METHODS.items() if getattr(args, name) not in (None, False)]
     used += [f"--observer {args.observer}"] if args.observer != DEFAULT_OBSERVER else []
     if used and args.mode == "qat":
@@ -153,11 +184,13 @@ def check_modes(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> None:
     check_modes(args)
     set_backend(args.backend)
-    runtime = setup_runtime(args.device, args.amp)
+    payload = load_fp32(args.checkpoint) if args.checkpoint else None
+    config = resolve(vars(args), pinned=payload["description"] if payload else None)
+    runtime = setup_runtime(config.device, config.amp)
     try:
         if runtime.distributed:
             raise UserError("quantization-train.py runs in one process: fine-tune with torchrun main.py, then pass --checkpoint")
-        quantize(args, RunConfig.from_flags(vars(args)), runtime)
+        quantize(args, payload, config, runtime)
     finally:
         cleanup(runtime)
 
@@ -168,21 +201,17 @@ def pt2e() -> types.ModuleType:
     return quantize_pt2e
 
 
-def quantize(args: argparse.Namespace, config: RunConfig, runtime: Runtime) -> None:
-    checkpoint, payload, bundle, run_dir = fp32_source(args, config, runtime)
-    description = payload["description"].replace(img_size=config.data.img_size or payload["description"].img_size)
+def quantize(args: argparse.Namespace, payload: dict | None, config: RunConfig, runtime: Runtime) -> None:
+    checkpoint, payload, bundle, run_dir = fp32_source(args, payload, config, runtime)
+    description = payload["description"].replace(img_size=config.data.img_size)
     img_size, num_classes = description.img_size, len(bundle.class_names)
     fp32 = model_from_checkpoint(payload)
     data = loaders(bundle, description, config, CPU)
     fp32_test = evaluate(fp32, data["test"], CPU, desc="test fp32")
     stats = model_stats(fp32, img_size, num_classes)
     int8_stats = {**stats, "size_mb": round(stats["params"] / 2**20, 4)}  # one byte per weight
-    summary = {"fp32": {"checkpoint": str(checkpoint), "test_acc": fp32_test.acc, "test_loss": fp32_test.loss,
-                        "file_mb": checkpoint.stat().st_size / 2**20, "latency_ms_1t": measure_latency(fp32, img_size)}}
+    summary = {"fp32": fp32_summary(fp32, checkpoint, fp32_test, img_size, args), "api": args.api}
     settings = {"api": args.api, "backend": args.backend, "per_channel": args.per_channel}
-    summary["api"] = args.api
-    if args.api == "pt2e" and args.compile:  # the INT8 row is timed compiled: time FP32 compiled as well
-        summary["fp32"]["latency_ms_1t_compiled"] = measure_latency(pt2e().compile_inference(fp32, img_size), img_size)
     rows = []
 
     def finish(int8: torch.nn.Module, method: str, epochs: int | str, **extra) -> None:
@@ -203,8 +232,8 @@ def quantize(args: argparse.Namespace, config: RunConfig, runtime: Runtime) -> N
             latency, timed = pt2e().program_latency(run_dir / f"int8_{method}.pt2", img_size, args.compile)
         else:
             latency, timed = measure_latency(load_quantized(path), img_size), f"{path.name} (FX INT8 kernels)"
-        row = record(output, bundle, description, run_dir, None, path, config.output_dir, SCRIPT, method, epochs=epochs,
-                     latency_ms=latency, stats=int8_stats, report_dir=run_dir / method, point=point)
+        row = record(Result(SCRIPT, method, output, point, path, epochs, report_dir=run_dir / method, stats=int8_stats,
+                            latency_ms=latency), bundle, description, run_dir, config.output_dir)
         rows.append(row)
         summary[method] = {"checkpoint": str(path), "test_acc": output.acc, "test_loss": output.loss, "file_mb": row["file_mb"],
                            "latency_ms_1t": latency, "latency_timed": timed, "api": args.api, **extra}
@@ -229,6 +258,14 @@ def quantize(args: argparse.Namespace, config: RunConfig, runtime: Runtime) -> N
     print_table(rows, ("model", "method", "test_acc", "test_loss", "macro_f1", "threshold", "op_defect_recall", "op_false_alarm_rate",
                        "file_mb", "latency_ms_1t"))
     log.info("INT8 models in %s", run_dir)
+
+
+def fp32_summary(fp32: torch.nn.Module, checkpoint: Path, test: EvalOutput, img_size: int, args: argparse.Namespace) -> dict:
+    summary = {"checkpoint": str(checkpoint), "test_acc": test.acc, "test_loss": test.loss,
+               "file_mb": checkpoint.stat().st_size / 2**20, "latency_ms_1t": measure_latency(fp32, img_size)}
+    if args.api == "pt2e" and args.compile:  # the INT8 row is timed compiled: time FP32 compiled as well
+        summary["latency_ms_1t_compiled"] = measure_latency(pt2e().compile_inference(fp32, img_size), img_size)
+    return summary
 
 
 def post_training(fp32: torch.nn.Module, args: argparse.Namespace, img_size: int,
@@ -274,8 +311,8 @@ def train_qat(fp32: torch.nn.Module, bundle: DataBundle, description: RunDescrip
         return int8
 
     qat_description = description.replace(script=SCRIPT, method="qat-fake-quant")
-    result = train(prepared, bundle, qat_description, qat_config, runtime, qat_dir,
-                   before_epoch=qat_schedule(prepared, args.observer_epochs, args.bn_freeze_epochs), validate=validate)
+    hooks = Hooks(before_epoch=qat_schedule(prepared, args.observer_epochs, args.bn_freeze_epochs), validate=validate)
+    result = train(prepared, bundle, qat_description, qat_config, runtime, qat_dir, hooks)
     return result.epochs_run
 
 

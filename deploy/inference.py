@@ -6,15 +6,13 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 
 from deploy.edge import INPUT_NAME, OUTPUT_NAME, all_threads
-from deploy.onnx_export import deploy_info, read_deploy_info
+from deploy.onnx_export import deploy_info
 from models.factory import model_from_checkpoint
 from utils.checkpoint import load_checkpoint
-from utils.description import RunDescription
 from utils.errors import UserError
 from utils.io import atomic_path
 from utils.operating_point import OperatingPoint
@@ -46,20 +44,6 @@ class OnnxModule(torch.nn.Module):
         return torch.from_numpy(self.session.run([OUTPUT_NAME], {INPUT_NAME: array})[0])
 
 
-def load_onnx_classifier(path: Path | str, threads: int = all_threads()) -> tuple[torch.nn.Module, dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"ONNX file '{path}' does not exist")
-    try:
-        info = read_deploy_info(onnx.load(path, load_external_data=False))
-        module = OnnxModule(path, threads)
-    except Exception as error:  # onnx/ORT raise many types for a file that is not a model
-        raise ArtifactError(f"'{path}' is not a readable ONNX model ({type(error).__name__}: {str(error).splitlines()[0]})") from None
-    if info is None:
-        raise ArtifactError(f"'{path}' has no class names or preprocessing metadata: export it with export.py")
-    return module, info
-
-
 def load_checkpoint_classifier(path: Path | str, threads: int = all_threads()) -> tuple[torch.nn.Module, dict]:
     torch.set_num_threads(threads)
     payload = load_checkpoint(path)
@@ -73,10 +57,9 @@ def trace_torchscript(model: torch.nn.Module, img_size: int) -> torch.jit.Script
         return torch.jit.freeze(torch.jit.trace(model.eval(), torch.zeros(1, 3, img_size, img_size)))
 
 
-def save_torchscript_artifact(scripted: torch.jit.ScriptModule, description: RunDescription, path: Path,
-                              point: OperatingPoint | None) -> None:
+def save_torchscript_artifact(scripted: torch.jit.ScriptModule, info: dict, path: Path, point: OperatingPoint | None) -> None:
     """The deploy info, with the artifact's own operating point, rides in the extra file deploy_info.json."""
-    info = {**deploy_info(description), "operating_point": point.to_dict() if point else None}
+    info = {**info, "operating_point": point.to_dict() if point else None}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         with atomic_path(path) as tmp:

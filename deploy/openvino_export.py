@@ -28,11 +28,6 @@ from utils.operating_point import OperatingPoint
 log = logging.getLogger(__name__)
 
 
-def ir_bytes(path: Path) -> int:
-    """Size of an IR on disk: the .xml (graph) plus the .bin (weights)."""
-    return path.stat().st_size + path.with_suffix(".bin").stat().st_size
-
-
 def save_ir(model: ov.Model, info: dict, path: Path) -> None:
     """``path`` (.xml) and its .bin, float32 weights (ov.save_model compresses to FP16 by default), deploy info in
     rt_info; each file replaced atomically, the .bin first."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 
 from data.stitchingnet import fabric_letters
 from data.synthetic import MAX_ZOOM
@@ -17,7 +18,6 @@ from utils.cli import (
     training_batch_size,
     unit_fraction,
 )
-from utils.errors import UserError
 from utils.operating_point import DEFAULT_BUDGET
 
 # On 2 cores a worker process steals the cores the train step needs: 85% vs 68% of the step
@@ -32,40 +32,49 @@ def zoom_factor(text: str) -> float:
     return value
 
 
-def add_data_args(parser: argparse.ArgumentParser, add_data: bool = False) -> None:
+def _adder(group: argparse._ArgumentGroup, omit: tuple[str, ...]) -> Callable[..., None]:
+    """``group.add_argument`` that leaves out the flags a script does not honour: they do not exist there, so argparse
+    refuses them in one line instead of the script ignoring them."""
+    def add(*flags: str, **options) -> None:
+        if flags[0].lstrip("-").replace("-", "_") not in omit:
+            group.add_argument(*flags, **options)
+    return add
+
+
+def add_data_args(parser: argparse.ArgumentParser, add_data: bool = False, omit: tuple[str, ...] = ()) -> None:
     """``add_data``: also --add-data, for scripts that make a new split (main.py); the others reuse a checkpoint's."""
-    group = parser.add_argument_group("data")
-    group.add_argument("--data-root",
+    add = _adder(parser.add_argument_group("data"), omit)
+    add("--data-root",
                        help="StitchingNet folder (<root>/<fabric>/<class>/<image>), a <root>/<class>/<image> tree, "
                             "or flat {fabric}_{class:02d}_{index}.jpg files (default: a given checkpoint's data, "
                             "else dataset/StitchingNet)")
-    group.add_argument("--synthetic", action="store_true",
+    add("--synthetic", action="store_true",
                        help="use the embedded procedural synthetic StitchingNet (generated once into ~/.cache); "
                             "results are labelled dataset=synthetic")
-    group.add_argument("--synthetic-per-class", type=positive_int, metavar="N",
+    add("--synthetic-per-class", type=positive_int, metavar="N",
                        help="with --synthetic: N images per (fabric, class) pair instead of the real dataset's size (14,565)")
-    group.add_argument("--synthetic-zoom", type=zoom_factor, default=1.0, metavar="Z",
+    add("--synthetic-zoom", type=zoom_factor, default=1.0, metavar="Z",
                        help="with --synthetic: a Z times closer camera, framing a 224/Z px window around each defect "
                             "(train at 224/Z px for the same defect size in pixels at Z^2 less compute); results are "
                             "labelled dataset=synthetic-zoomZ (default: %(default)s)")
     if add_data:
-        group.add_argument("--add-data", metavar="DIR", action="append",
+        add("--add-data", metavar="DIR", action="append",
                            help="a folder of labelled images in <class>/<image> (or StitchingNet) layout, e.g. a "
                                 "reviewed stream.py --collect folder, added to the training split only: validation "
                                 "and test stay the data's own (the same --seed gives the same split with or without "
                                 "it), so the figures compare with a run without it; its class folders must be among "
                                 "the data's classes; repeatable; results are labelled dataset=<data>+added")
-    group.add_argument("--img-size", type=positive_int, help="square input size in pixels (default: a given checkpoint's, else 224)")
-    group.add_argument("--augment", type=int, choices=AUGMENT_VERSIONS, default=1,
+    add("--img-size", type=positive_int, help="square input size in pixels (default: a given checkpoint's, else 224)")
+    add("--augment", type=int, choices=AUGMENT_VERSIONS, default=1,
                        help="augmentation version: 0 none, 1 flips + small rotation, 2 = 1 + colour jitter, "
                             "3 = 2 + blur + noise (default: %(default)s)")
-    group.add_argument("--fabrics", metavar="LETTERS", type=fabric_letters,
+    add("--fabrics", metavar="LETTERS", type=fabric_letters,
                        help="train and test on these fabrics only, e.g. A,B,J: a detector for the fabrics one line "
                             "sews (with --synthetic only these are generated); results are labelled with them "
                             "(default: all)")
-    group.add_argument("--test-fabrics", metavar="LETTERS", type=fabric_letters,
+    add("--test-fabrics", metavar="LETTERS", type=fabric_letters,
                        help="hold these fabrics out as the whole test set, e.g. I,J,K (unseen-fabric generalisation)")
-    group.add_argument("--workers", type=non_negative_int, default=DEFAULT_WORKERS,
+    add("--workers", type=non_negative_int, default=DEFAULT_WORKERS,
                        help="DataLoader worker processes (default: %(default)s)")
 
 
@@ -106,22 +115,15 @@ def add_training_args(parser: argparse.ArgumentParser, epochs: int = 100, lr: fl
                             "random init from collapsing to the class prior (default: no clipping)")
 
 
-def add_run_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("run")
-    group.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+def add_run_args(parser: argparse.ArgumentParser, omit: tuple[str, ...] = ()) -> None:
+    add = _adder(parser.add_argument_group("run"), omit)
+    add("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    add("--amp", action=argparse.BooleanOptionalAction, default=None,
                        help="mixed precision autocast (default: on for CUDA, off for CPU where it is bf16)")
-    group.add_argument("--seed", type=random_seed, default=2025,
+    add("--seed", type=random_seed, default=2025,
                        help="seed of the split, initialisation and augmentation (default: %(default)s)")
-    group.add_argument("--output-dir", default="runs", help="run folders and results.csv go here (default: %(default)s)")
-    group.add_argument("--false-alarm-budget", type=open_fraction, default=DEFAULT_BUDGET, metavar="F",
+    add("--output-dir", default="runs", help="run folders and results.csv go here (default: %(default)s)")
+    add("--false-alarm-budget", type=open_fraction, default=DEFAULT_BUDGET, metavar="F",
                        help="the share of good seams the line may flag: the defect threshold (on 1 - P(Normal)) is the "
                             "one with the highest defect recall whose false-alarm rate on the validation split is <= F; "
                             "it is stored in the checkpoint and every exported artifact (default: %(default)s)")
-
-
-def check_schedule(args: argparse.Namespace) -> None:
-    """Flag combinations argparse cannot check one by one, caught before any data is loaded."""
-    warmup = getattr(args, "warmup_epochs", 0)
-    if warmup and warmup >= args.epochs:
-        raise UserError(f"--warmup-epochs ({warmup}) must be smaller than --epochs ({args.epochs})")

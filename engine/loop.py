@@ -138,12 +138,28 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-@dataclass
+@dataclass(frozen=True)
 class FitConfig:
+    """How long to fit, and where: best.pt, last.pt and log.csv go to ``run_dir``, described by ``description``."""
+
     epochs: int
     patience: int
     seed: int
+    run_dir: Path
+    description: RunDescription
     clip_grad_norm: float | None = None
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What a training variant changes in the one loop."""
+
+    loss_fn: LossFn | None = None  # None: cross-entropy; e.g. distillation's
+    before_epoch: Callable[[int], None] | None = None  # e.g. QAT's observer and BatchNorm freezing schedule
+    validate: Callable[[], EvalOutput] | None = None  # e.g. QAT's validation of the converted INT8 model
+
+
+Optimization = tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]
 
 
 @dataclass
@@ -161,28 +177,16 @@ def _write_log(history: list[dict], path: Path) -> None:
         writer.writerows(history)
 
 
-def fit(
-    model: torch.nn.Module,
-    train_loader: DataLoader,
-    val_loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    runtime: Runtime,
-    config: FitConfig,
-    run_dir: Path,
-    description: RunDescription,
-    loss_fn: LossFn = cross_entropy_loss,
-    before_epoch: Callable[[int], None] | None = None,
-    validate: Callable[[], EvalOutput] | None = None,
-    resume: dict | None = None,
-) -> FitResult:
+def fit(model: torch.nn.Module, train_loader: DataLoader, val_loader: DataLoader, optimization: Optimization,
+        runtime: Runtime, config: FitConfig, hooks: Hooks = Hooks(), resume: dict | None = None) -> FitResult:
     """Train with early stopping on validation loss; rank 0 writes best.pt, last.pt and log.csv.
 
     ``resume`` is the "resume" entry of a last.pt: training continues at the next epoch
     with the optimiser, scheduler, early-stopping counters and RNG exactly as saved.
     """
+    optimizer, scheduler = optimization
     scaler = torch.amp.GradScaler(runtime.device.type) if runtime.amp_dtype == torch.float16 else None
-    validate = validate or (lambda: evaluate(model, val_loader, runtime, desc="val"))
+    validate = hooks.validate or (lambda: evaluate(model, val_loader, runtime, desc="val"))
     state = {"epoch": 0, "best_val_loss": math.inf, "best_epoch": -1, "bad_epochs": 0, "history": []}
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
@@ -196,10 +200,11 @@ def fit(
             break
         started = time.perf_counter()
         seed_epoch(train_loader, config.seed, epoch)
-        if before_epoch is not None:
-            before_epoch(epoch)
+        if hooks.before_epoch is not None:
+            hooks.before_epoch(epoch)
         lrs = [group["lr"] for group in optimizer.param_groups]
-        train = train_one_epoch(model, train_loader, optimizer, runtime, epoch, loss_fn, scaler, config.clip_grad_norm)
+        train = train_one_epoch(model, train_loader, optimizer, runtime, epoch, hooks.loss_fn or cross_entropy_loss, scaler,
+                                config.clip_grad_norm)
         val = validate()
         scheduler.step()
         improved = val.loss < state["best_val_loss"]
@@ -214,19 +219,24 @@ def fit(
             "val_loss": round(val.loss, 6), "val_acc": round(val.acc, 6), "seconds": round(time.perf_counter() - started, 2),
         })
         if runtime.is_main:
-            weights = unwrap(model).state_dict()
-            if improved:
-                save_checkpoint(run_dir / "best.pt", weights, description.replace(epoch=epoch + 1, val_loss=val.loss, val_acc=val.acc))
-            resume_state = {
-                **state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rng_state(),
-            }
-            save_checkpoint(run_dir / "last.pt", weights, description, resume_state)
-            _write_log(state["history"], run_dir / "log.csv")
-            flag = " *" if improved else ""
-            log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.1fs%s", epoch + 1, config.epochs,
-                     train["loss"], train["acc"], val.loss, val.acc, state["history"][-1]["seconds"], flag)
+            resume_state = {**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rng_state()}
+            _save_epoch(unwrap(model).state_dict(), val if improved else None, resume_state, config)
         barrier(runtime)
     if state["bad_epochs"] >= config.patience and state["epoch"] < config.epochs:
         log.info("early stop: no val-loss improvement for %d epochs (best epoch %d)", config.patience, state["best_epoch"] + 1)
     return FitResult(state["best_epoch"], state["best_val_loss"], state["epoch"], state["history"])
+
+
+def _save_epoch(weights: dict, improved: EvalOutput | None, resume_state: dict, config: FitConfig) -> None:
+    """best.pt where validation improved (``improved``: its figures), last.pt with the training state, log.csv."""
+    epoch, history = resume_state["epoch"], resume_state["history"]
+    if improved is not None:
+        save_checkpoint(config.run_dir / "best.pt", weights,
+                        config.description.replace(epoch=epoch, val_loss=improved.loss, val_acc=improved.acc))
+    save_checkpoint(config.run_dir / "last.pt", weights, config.description, resume_state)
+    _write_log(history, config.run_dir / "log.csv")
+    last = history[-1]
+    log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.1fs%s", epoch, config.epochs,
+             last["train_loss"], last["train_acc"], last["val_loss"], last["val_acc"], last["seconds"],
+             " *" if improved is not None else "")

@@ -1,11 +1,13 @@
 """The steps every script shares: data, run folder, optimiser, training, test report, results row."""
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import os
 import random
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,24 +15,21 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from data.loading import DataBundle, load_data, make_loader
-from data.stitchingnet import FABRICS
-from data.synthetic import MIN_IMG_SIZE, ensure_synthetic
+from data.synthetic import ensure_synthetic
 from data.transforms import Preprocess
 from engine.config import RunConfig, TrainConfig
-from engine.loop import EvalOutput, FitConfig, FitResult, LossFn, evaluate, fit, smoothed_cross_entropy, unwrap
+from engine.loop import EvalOutput, FitConfig, FitResult, Hooks, LossFn, evaluate, fit, smoothed_cross_entropy, unwrap
 from engine.metrics import choose_operating_point, classification_metrics, operating_point_metrics, write_test_report
 from models.factory import ModelSpec, create_model, data_config, head_parameters, load_weights
 from models.stats import measure_latency, model_stats
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.description import RunDescription, SyntheticSource
+from utils.description import RunDescription
 from utils.distributed import Runtime, barrier, broadcast
-from utils.errors import UserError
 from utils.io import make_unique_dir, save_json
 from utils.operating_point import OperatingPoint
+from utils.recipes import RECIPE_NAME, write_recipe
 from utils.results import OPERATING_POINT_COLUMNS, append_result, check_results_file
 
-DEFAULT_DATA_ROOT = "dataset/StitchingNet"
-DEFAULT_IMG_SIZE = 224
 SYNTHETIC_SEED = 0  # the synthetic set is one fixed dataset; --seed varies split and training only
 
 log = logging.getLogger(__name__)
@@ -40,35 +39,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stitchdefect"
 
 
-def resolve_data_source(config: RunConfig, stored: RunDescription | None = None) -> tuple[SyntheticSource | None, str | None]:
-    """Where the data comes from: the flags, else the checkpoint's description, else defaults.
-
-    Returns (the synthetic set, None) or (None, the data root).
-    """
-    data = config.data
-    if data.synthetic:
-        img_size = data.img_size or (stored.img_size if stored else None) or DEFAULT_IMG_SIZE
-        if img_size < MIN_IMG_SIZE:
-            raise UserError(f"--img-size {img_size} is below the synthetic set's minimum of {MIN_IMG_SIZE} px")
-        unknown = sorted(set(data.fabrics or []) - set(FABRICS))
-        if unknown:
-            raise UserError(f"--fabrics {','.join(unknown)}: the synthetic set's fabrics are {','.join(FABRICS)}")
-        fabrics = "".join(data.fabrics) if data.fabrics else None
-        return SyntheticSource(data.synthetic_per_class, img_size, data.synthetic_zoom, fabrics), None
-    if data.data_root is None and stored is not None and stored.synthetic is not None:
-        return stored.synthetic, None
-    return None, data.data_root or (stored.data_root if stored else None) or DEFAULT_DATA_ROOT
-
-
-def prepare_data(config: RunConfig, runtime: Runtime, stored: RunDescription | None = None,
-                 init: RunDescription | None = None) -> DataBundle:
-    """Load (generating the synthetic set first if asked) and split; a checkpoint's split is reused.
+def prepare_data(config: RunConfig, runtime: Runtime, init: RunDescription | None = None) -> DataBundle:
+    """Load (generating the synthetic set first if asked) and split; the pinning checkpoint's split is reused.
 
     ``init``: the checkpoint a new run starts from (main.py --init): the data must have its classes; the split is
     made anew, with a warning where it would test the checkpoint on images it trained on.
     """
-    synthetic, root = resolve_data_source(config, stored)
-    img_size = config.data.img_size or (stored.img_size if stored else None) or DEFAULT_IMG_SIZE
+    synthetic, root, stored = config.data.source, config.data.data_root, config.pinned
     if synthetic is not None:
         def make() -> Path:
             return ensure_synthetic(cache_root(), synthetic.per_class, SYNTHETIC_SEED, synthetic.img_size,
@@ -80,7 +57,7 @@ def prepare_data(config: RunConfig, runtime: Runtime, stored: RunDescription | N
         barrier(runtime)
         root = make()
     bundle = load_data(
-        root, img_size, config.seed, dataset=synthetic.label if synthetic else "real",
+        root, config.data.img_size, config.seed, dataset=synthetic.label if synthetic else "real",
         split=stored.split if stored else None, test_fabrics=config.data.test_fabrics,
         class_names=(stored or init).class_names if stored or init else None, progress=runtime.is_main,
         fabrics=config.data.fabrics, added=config.data.add_data,
@@ -107,23 +84,31 @@ def check_held_out(bundle: DataBundle, init: RunDescription) -> None:
                       "held out", HeldOutWarning, stacklevel=2)
 
 
-def create_run_dir(output_dir: str | Path, script: str, model_name: str, runtime: Runtime) -> Path:
-    """``<output-dir>/<script>/<timestamp>_<model>/``, unique, the same on every rank."""
-    check_results_file(Path(output_dir) / "results.csv")  # all ranks, before training: the row must be appendable
+def create_run_dir(config: RunConfig, script: str, model_name: str, runtime: Runtime) -> Path:
+    """``<output-dir>/<script>/<timestamp>_<model>/``, unique, the same on every rank, with the run's resolved
+    settings as ``config.yaml`` (``--config`` of the same script runs it again)."""
+    output_dir = Path(config.output_dir)
+    check_results_file(output_dir / "results.csv")  # all ranks, before training: the row must be appendable
     name = None
     if runtime.is_main:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        name = make_unique_dir(Path(output_dir) / script, f"{stamp}_{model_name}").name
-    return Path(output_dir) / script / broadcast(name, runtime)
+        run_dir = make_unique_dir(output_dir / script, f"{stamp}_{model_name}")
+        write_recipe(config.flags, run_dir / RECIPE_NAME, RECIPE_COMMENT)
+        name = run_dir.name
+    return output_dir / script / broadcast(name, runtime)
 
 
-def describe(script: str, method: str, spec: ModelSpec, bundle: DataBundle, img_size: int, mean: list, std: list,
-             pretrained: bool, config: RunConfig) -> RunDescription:
-    """The self-description stored in every checkpoint."""
+RECIPE_COMMENT = ("The resolved settings of this run. Pass this file to the script that wrote it to run it again:\n"
+                  "python <script>.py --config <this file>   (flags typed after it override it)")
+
+
+def describe(script: str, method: str, spec: ModelSpec, bundle: DataBundle, config: RunConfig, normalisation: dict,
+             pretrained: bool) -> RunDescription:
+    """The self-description stored in every checkpoint; ``normalisation``: the model's mean and std."""
     return RunDescription(
         script=script, method=method, model=spec.name, family=spec.family, alpha=spec.alpha,
         num_classes=len(bundle.class_names), class_names=list(bundle.class_names),
-        img_size=img_size, mean=list(mean), std=list(std), pretrained=pretrained,
+        img_size=config.data.img_size, mean=list(normalisation["mean"]), std=list(normalisation["std"]), pretrained=pretrained,
         dataset=bundle.dataset, data_root=str(bundle.root), synthetic=bundle.synthetic,
         augment=config.data.augment, seed=config.seed, split=bundle.split, args=dict(config.flags),
     )
@@ -170,17 +155,20 @@ def prepare_model(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
     return model
 
 
+PLAIN = Hooks()  # the plain loop: the run's (label-smoothed) cross-entropy, validation loss, no schedule
+
+
 def train(model: torch.nn.Module, bundle: DataBundle, description: RunDescription, config: RunConfig, runtime: Runtime,
-          run_dir: Path, loss_fn: LossFn | None = None, resume: dict | None = None, **hooks) -> FitResult:
-    """Fit ``model`` (already on the device) on the bundle's train split with early stopping."""
+          run_dir: Path, hooks: Hooks = PLAIN, resume: dict | None = None) -> FitResult:
+    """Fit ``model`` (already on the device) on the bundle's train split with early stopping; a hook without a loss
+    trains with the run's (label-smoothed) cross-entropy."""
     data = loaders(bundle, description, config, runtime)
     training = config.training
-    optimizer, scheduler = build_optimizer(model, training, description.pretrained)
-    if loss_fn is None:
-        loss_fn = smoothed_cross_entropy(training.label_smoothing)
-    return fit(model, data["train"], data["val"], optimizer, scheduler, runtime,
-               FitConfig(training.epochs, training.patience, config.seed, training.clip_grad_norm), run_dir, description,
-               loss_fn=loss_fn, resume=resume, **hooks)
+    if hooks.loss_fn is None:
+        hooks = dataclasses.replace(hooks, loss_fn=smoothed_cross_entropy(training.label_smoothing))
+    fit_config = FitConfig(training.epochs, training.patience, config.seed, run_dir, description, training.clip_grad_norm)
+    return fit(model, data["train"], data["val"], build_optimizer(model, training, description.pretrained), runtime,
+               fit_config, hooks, resume)
 
 
 def test_predictions(model: torch.nn.Module, bundle: DataBundle, description: RunDescription, config: RunConfig,
@@ -210,38 +198,44 @@ def stamp_metrics(checkpoint: Path, output: EvalOutput, point: OperatingPoint | 
         metrics=test_metrics(output, description.class_names, point), operating_point=point.to_dict() if point else None))
 
 
-def record(output: EvalOutput, bundle: DataBundle, description: RunDescription, run_dir: Path, model_for_cost: torch.nn.Module | None,
-           checkpoint: Path, output_dir: str | Path, script: str, method: str, epochs: int | str = "",
-           latency_ms: float | None = None, stats: dict | None = None, report_dir: Path | None = None,
-           file_bytes: int | None = None, point: OperatingPoint | None = None) -> dict:
-    """Write the test report into ``run_dir`` (or ``report_dir``) and append the results row; returns the row.
+@dataclass(frozen=True)
+class Result:
+    """One model's test predictions, to be written as a test report and a results row."""
 
-    Cost figures come from ``model_for_cost`` (FP32 eager) unless ``stats``/``latency_ms``
-    are given (quantised or exported artifacts measure themselves). ``report_dir`` keeps the
-    reports of several methods of one run apart (e.g. ``<run>/ptq``, ``<run>/qat``). ``file_bytes`` is the size
-    of an artifact stored as several files (an OpenVINO IR's .xml + .bin); default: the size of ``checkpoint``.
-    ``point``: the operating point chosen on validation predictions of the same artifact (None: argmax only).
-    """
-    num_classes = len(bundle.class_names)
-    metrics = test_metrics(output, bundle.class_names, point)
-    fabrics = write_test_report(report_dir or run_dir, output.targets, output.preds, output.probs, bundle.parts["test"].paths,
-                                bundle.class_names, metrics, point)
+    script: str
+    method: str
+    output: EvalOutput
+    point: OperatingPoint | None  # chosen on the same model's validation predictions (None: argmax only)
+    checkpoint: Path  # the file the row names
+    epochs: int | str = ""
+    report_dir: Path | None = None  # default: the run folder; e.g. <run>/ptq keeps several methods of a run apart
+    file_bytes: int | None = None  # default: the checkpoint's size (an OpenVINO IR is two files)
+    stats: dict | None = None  # params/FLOPs/size; default: measured on the model given to ``record``
+    latency_ms: float | None = None  # default: measured likewise (quantised or exported artifacts time themselves)
+
+
+def record(result: Result, bundle: DataBundle, description: RunDescription, run_dir: Path, output_dir: str | Path,
+           model_for_cost: torch.nn.Module | None = None) -> dict:
+    """Write the test report into ``run_dir`` (or the result's report folder) and append the results row; returns it."""
+    output = result.output
+    metrics = test_metrics(output, bundle.class_names, result.point)
+    fabrics = write_test_report(result.report_dir or run_dir, output.targets, output.preds, output.probs,
+                                bundle.parts["test"].paths, bundle.class_names, metrics, result.point)
     if fabrics:
         log.info("test acc per fabric: %s", "  ".join(f"{fabric} {row['acc']:.3f}" for fabric, row in fabrics.items()))
     img_size = description.img_size
-    if stats is None:
-        stats = model_stats(model_for_cost, img_size, num_classes)
-    if latency_ms is None:
-        latency_ms = measure_latency(model_for_cost, img_size, threads=1)
+    stats = result.stats if result.stats is not None else model_stats(model_for_cost, img_size, len(bundle.class_names))
+    latency_ms = result.latency_ms if result.latency_ms is not None else measure_latency(model_for_cost, img_size, threads=1)
+    file_bytes = result.file_bytes or result.checkpoint.stat().st_size
     row = {
-        "run_id": run_dir.name, "date": dt.datetime.now().isoformat(timespec="seconds"), "script": script, "method": method,
-        "model": description.model, "alpha": description.alpha or "", "pretrained": description.pretrained,
-        "dataset": bundle.dataset, "augment": description.augment, "img_size": img_size, "epochs": epochs,
-        "seed": description.seed, **stats, "file_mb": round((file_bytes or checkpoint.stat().st_size) / 2**20, 4),
+        "run_id": run_dir.name, "date": dt.datetime.now().isoformat(timespec="seconds"), "script": result.script,
+        "method": result.method, "model": description.model, "alpha": description.alpha or "", "pretrained": description.pretrained,
+        "dataset": bundle.dataset, "augment": description.augment, "img_size": img_size, "epochs": result.epochs,
+        "seed": description.seed, **stats, "file_mb": round(file_bytes / 2**20, 4),
         "test_acc": round(metrics["acc"], 6), "test_loss": round(output.loss, 6), "macro_f1": round(metrics["macro_f1"], 6),
         "defect_recall": round(metrics["defect_recall"], 6), "false_alarm_rate": round(metrics["false_alarm_rate"], 6),
-        "latency_ms_1t": round(latency_ms, 4), "checkpoint": str(checkpoint),
-        **({key: round(metrics[key], 6) for key in OPERATING_POINT_COLUMNS} if point else {}),
+        "latency_ms_1t": round(latency_ms, 4), "checkpoint": str(result.checkpoint),
+        **({key: round(metrics[key], 6) for key in OPERATING_POINT_COLUMNS} if result.point else {}),
     }
     append_result(Path(output_dir) / "results.csv", row)
     return row
@@ -261,31 +255,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def finetune(spec: ModelSpec, bundle: DataBundle, config: RunConfig, runtime: Runtime,
-             script: str = "main", resume: dict | None = None, resume_dir: Path | None = None,
-             loss_fn: LossFn | None = None, method: str = "fp32", start: tuple[torch.nn.Module, bool] | None = None,
-             sections: dict | None = None) -> tuple[Path, dict | None]:
+@dataclass(frozen=True)
+class Variant:
+    """How another script reuses ``finetune``: its name and results method, a training loss (distillation), a model
+    built beforehand as ``start`` = (model, starts from trained weights), description ``sections`` to carry (the
+    teacher, a pruned student's architecture)."""
+
+    script: str = "main"
+    method: str = "fp32"
+    loss_fn: LossFn | None = None
+    start: tuple[torch.nn.Module, bool] | None = None
+    sections: dict | None = None
+
+
+def finetune(spec: ModelSpec, bundle: DataBundle, config: RunConfig, runtime: Runtime, variant: Variant = Variant(),
+             resume: dict | None = None, resume_dir: Path | None = None) -> tuple[Path, dict | None]:
     """main.py's job for one model: build, train, test with the best weights, record.
 
-    Other scripts reuse it with a training ``loss_fn`` and results ``method`` (distillation),
-    a model built beforehand as ``start`` = (model, starts from trained weights), and optional
-    description ``sections`` to carry (e.g. the teacher, a pruned student's architecture).
     Returns the run folder and, on rank 0, the results row.
     """
     seed_everything(config.seed)
-    num_classes = len(bundle.class_names)
-    model, pretrained = start if start is not None else create_model(spec, num_classes, config.pretrained and not config.weights)
-    if config.weights and start is None:
-        skipped = load_weights(model, config.weights)
-        pretrained = True
-        if skipped:
-            log.info("--weights: new %d-class head, not loaded: %s", num_classes, ", ".join(skipped))
-    img_size = config.data.img_size or DEFAULT_IMG_SIZE
-    description = describe(script, method, spec, bundle, img_size, **data_config(model), pretrained=pretrained, config=config)
-    description = description.replace(**(sections or {}))
+    model, pretrained = start_model(spec, len(bundle.class_names), config, variant.start)
+    description = describe(variant.script, variant.method, spec, bundle, config, data_config(model), pretrained)
+    description = description.replace(**(variant.sections or {}))
     if resume_dir is not None:
         check_results_file(Path(config.output_dir) / "results.csv")  # create_run_dir checks it for new runs
-    run_dir = resume_dir or create_run_dir(config.output_dir, script, spec.name, runtime)
+    run_dir = resume_dir or create_run_dir(config, variant.script, spec.name, runtime)
     if resume is not None:
         model.load_state_dict(resume["model"])
     if runtime.is_main:
@@ -293,20 +288,35 @@ def finetune(spec: ModelSpec, bundle: DataBundle, config: RunConfig, runtime: Ru
     log.info("%s: %d train / %d val / %d test images (%s), run folder %s", spec.name, len(bundle.parts["train"]),
              len(bundle.parts["val"]), len(bundle.parts["test"]), bundle.dataset, run_dir)
     model = prepare_model(model, runtime)
-    result = train(model, bundle, description, config, runtime, run_dir, loss_fn=loss_fn, resume=resume["resume"] if resume else None)
+    result = train(model, bundle, description, config, runtime, run_dir, Hooks(loss_fn=variant.loss_fn),
+                   resume["resume"] if resume else None)
     barrier(runtime)
     best_path = run_dir / "best.pt"
-    best = load_checkpoint(best_path)
     net = unwrap(model)
-    net.load_state_dict(best["model"])
+    net.load_state_dict(load_checkpoint(best_path)["model"])
     row = None
     if runtime.is_main:
         local = Runtime(runtime.device, amp_dtype=runtime.amp_dtype)
         point = choose_threshold_on_val(test_predictions(net, bundle, description, config, local, "val"), bundle, config, spec.name)
         output = test_predictions(net, bundle, description, config, local)
         stamp_metrics(best_path, output, point)
-        row = record(output, bundle, description, run_dir, net, best_path, config.output_dir, script, method, epochs=result.epochs_run,
-                     point=point)
+        row = record(Result(variant.script, variant.method, output, point, best_path, result.epochs_run), bundle, description,
+                     run_dir, config.output_dir, net)
         log_test_row(row, result.best_epoch)
     barrier(runtime)
     return run_dir, row
+
+
+def start_model(spec: ModelSpec, num_classes: int, config: RunConfig,
+                start: tuple[torch.nn.Module, bool] | None) -> tuple[torch.nn.Module, bool]:
+    """(the model a run trains, whether it starts from trained weights): ``start``, else timm's model with ImageNet
+    weights unless --no-pretrained, with --weights loaded over it."""
+    if start is not None:
+        return start
+    model, pretrained = create_model(spec, num_classes, config.pretrained and not config.weights)
+    if config.weights:
+        skipped = load_weights(model, config.weights)
+        pretrained = True
+        if skipped:
+            log.info("--weights: new %d-class head, not loaded: %s", num_classes, ", ".join(skipped))
+    return model, pretrained

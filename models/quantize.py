@@ -275,17 +275,6 @@ def convert(prepared: torch.fx.GraphModule, img_size: int, float_layers: Iterabl
     return converted
 
 
-def float_batch_norms(converted: torch.fx.GraphModule) -> list[str]:
-    """Nodes of a converted graph that still run BatchNorm in float (should be none)."""
-    found = []
-    for node in converted.graph.nodes:
-        if node.op == "call_module" and isinstance(converted.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
-            found.append(node.name)
-        elif node.op in ("call_function", "call_method") and "batch_norm" in getattr(node.target, "__name__", str(node.target)):
-            found.append(node.name)
-    return found
-
-
 @torch.inference_mode()
 def calibrate(prepared: torch.fx.GraphModule, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], max_batches: int,
               requested_images: int) -> int:

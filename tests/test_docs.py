@@ -6,8 +6,9 @@ import runpy
 import sys
 
 import pytest
-import yaml
 from conftest import ROOT
+
+from utils.recipes import read_recipe
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -61,13 +62,4 @@ def test_each_recipe_names_its_script_and_only_its_flags(recipe, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
     monkeypatch.setattr(sys, "argv", [match.group(1)])
     parser = runpy.run_path(str(ROOT / match.group(1)), run_name="not_main")["get_args_parser"]()
-    actions = {action.dest: action for action in parser._actions}
-    for key, value in yaml.safe_load(recipe.read_text()).items():
-        assert key in actions, f"{recipe.name}: {key} is no flag of {match.group(1)}"
-        action = actions[key]
-        if isinstance(value, bool):
-            assert action.nargs == 0, f"{recipe.name}: {key} is not a switch"
-        elif action.type is not None:
-            action.type(str(value))
-        if action.choices is not None:
-            assert value in action.choices or str(value) in action.choices
+    assert read_recipe(recipe, parser)  # every key a flag of the script, every value one it accepts

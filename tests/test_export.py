@@ -12,13 +12,13 @@ import pytest
 import torch
 from conftest import run_script
 
-from deploy.inference import load_onnx_classifier
-from deploy.onnx_export import PARITY_TOLERANCE
+from deploy.inference import OnnxModule
+from deploy.onnx_export import PARITY_TOLERANCE, read_deploy_info
 from models.factory import model_from_checkpoint
 from utils.checkpoint import load_checkpoint
 from utils.results import read_rows
 
-ARTIFACTS = ("pytorch-eager-fp32", "torchscript-fp32", "onnxruntime-fp32", "onnxruntime-int8")
+ARTIFACTS = ("pytorch-eager-fp32", "onnxruntime-fp32", "torchscript-fp32", "onnxruntime-int8")  # export.py's format table order
 
 
 @pytest.fixture(scope="module")
@@ -37,30 +37,31 @@ def exported(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 @pytest.mark.slow
 def test_onnx_matches_pytorch_at_any_batch_size(exported: dict, trained_run: Path) -> None:
     model = model_from_checkpoint(load_checkpoint(trained_run / "best.pt"))
-    session, info = load_onnx_classifier(exported["fp32"], threads=1)
+    session, info = OnnxModule(exported["fp32"]), read_deploy_info(onnx.load(exported["fp32"]))
     for batch in (1, 5):
         x = torch.randn(batch, 3, 32, 32)
         with torch.inference_mode():
             assert (session(x) - model(x)).abs().max() <= PARITY_TOLERANCE
     assert info["img_size"] == 32 and len(info["class_names"]) == 11
-    assert "ONNX Runtime FP32 vs PyTorch: max |logit diff| random" in exported["stdout"]
+    assert "onnx-fp32 vs PyTorch: max |logit diff| random" in exported["stdout"]
     assert onnx.load(exported["fp32"]).graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch axis
 
 
 def test_int8_onnx_is_quantised_runs_and_keeps_the_class_count(exported: dict) -> None:
     graph = onnx.load(exported["int8"])
     assert any(node.op_type == "QuantizeLinear" for node in graph.graph.node)
-    model, info = load_onnx_classifier(exported["int8"], threads=1)
+    model, info = OnnxModule(exported["int8"]), read_deploy_info(graph)
     logits = model(torch.randn(3, 3, 32, 32))
     assert logits.shape == (3, 11) and np.isfinite(logits.numpy()).all()
     assert info["class_names"][0] == "Normal"
     assert exported["int8"].stat().st_size < exported["fp32"].stat().st_size / 2
 
 
-def test_results_rows_for_both_onnx_models(exported: dict) -> None:
+def test_results_rows_for_every_artifact(exported: dict) -> None:
     rows = {row["method"]: row for row in read_rows(exported["out"] / "runs" / "results.csv")}
-    assert set(rows) == {"onnx-fp32", "onnx-int8"}
-    for method, path in (("onnx-fp32", exported["fp32"]), ("onnx-int8", exported["int8"])):
+    assert set(rows) == {"onnx-fp32", "onnx-int8", "torchscript-fp32"}
+    torchscript = exported["fp32"].with_suffix(".torchscript.pt")
+    for method, path in (("onnx-fp32", exported["fp32"]), ("onnx-int8", exported["int8"]), ("torchscript-fp32", torchscript)):
         assert rows[method]["checkpoint"] == str(path)
         assert float(rows[method]["latency_ms_1t"]) > 0 and 0 <= float(rows[method]["test_acc"]) <= 1
         assert float(rows[method]["file_mb"]) == round(path.stat().st_size / 2**20, 4)

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from conftest import ROOT, TINY_TRAIN, run_script
 
-from engine.config import RunConfig, TrainConfig
+from engine.config import TrainConfig, data_source, resolve
 from engine.loop import smoothed_cross_entropy, train_one_epoch
-from engine.run import build_optimizer, prepare_data, resolve_data_source
+from engine.run import build_optimizer, prepare_data
 from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.cli import add_config_arg, parse_command_line
 from utils.description import RunDescription, SyntheticSource
 from utils.distributed import Runtime
 from utils.results import COLUMNS, append_result, read_rows
@@ -231,22 +231,22 @@ def test_clip_grad_norm_bounds_the_step(clip):
 
 def test_zoomed_synthetic_runs_are_labelled_apart(v1_description):
     old_checkpoint = RunDescription.from_dict({**v1_description, "synthetic": {"per_class": 2, "img_size": 32}})  # before --synthetic-zoom
-    synthetic, root = resolve_data_source(RunConfig(), old_checkpoint)
+    synthetic, root = data_source({}, 32, old_checkpoint)
     assert root is None and synthetic.label == "synthetic" and synthetic.zoom == 1.0
     assert SyntheticSource(2, 32, 1.0).label == "synthetic"
     assert SyntheticSource(2, 56, 4.0).label == "synthetic-zoom4"
 
 
-def test_the_readme_quick_start_is_a_valid_command_for_one_lines_fabrics():
+def test_the_readme_quick_start_is_a_valid_command_for_one_lines_fabrics(monkeypatch):
     """The README's first command, a recipe, must keep parsing as the flags change: it is what a new user runs first."""
     (line,) = [line for line in (ROOT / "README.md").read_text().splitlines() if "python main.py" in line and "pip install" in line]
     argv = shlex.split(line.split("python main.py", 1)[1])
     assert argv[0] == "--config" and len(line.split("&& ", 1)[1]) <= 80
     parser = runpy.run_path(str(ROOT / "main.py"), run_name="not_main")["get_args_parser"]()
-    parser.set_defaults(**yaml.safe_load((ROOT / argv[1]).read_text()))
-    config = RunConfig.from_flags(vars(parser.parse_args(argv[2:])))
-    synthetic, root = resolve_data_source(config, None)
-    assert root is None and synthetic == SyntheticSource(240, 112, 4.0, "ABJ")
+    add_config_arg(parser)
+    monkeypatch.chdir(ROOT)  # the README runs from the repository root
+    config = resolve(vars(parse_command_line(parser, argv)))
+    assert config.data.data_root is None and config.data.source == SyntheticSource(240, 112, 4.0, "ABJ")
     assert config.data.fabrics == ["A", "B", "J"] and config.training.epochs <= config.training.patience
 
 
@@ -263,5 +263,5 @@ def test_a_fabric_subset_run_generates_trains_and_reloads_only_those_fabrics(tmp
     assert description.synthetic == SyntheticSource(4, 32, 1.0, "BJ") and description.split["fabrics"] == ["B", "J"]
     assert {p[0] for part in ("train", "val", "test") for p in description.split[part]} == {"B", "J"}
     shutil.rmtree(folder)  # another machine: the checkpoint alone regenerates the same subset, under the same label
-    bundle = prepare_data(RunConfig(), Runtime(torch.device("cpu")), description)
+    bundle = prepare_data(resolve({}, pinned=description), Runtime(torch.device("cpu")))
     assert bundle.root == folder and bundle.dataset == "synthetic-fabrics-BJ" and bundle.split == description.split

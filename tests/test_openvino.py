@@ -18,8 +18,9 @@ from conftest import ROOT, run_in_fresh_process, run_script
 from test_edge import NO_TORCH
 
 from deploy.edge import METADATA_KEY
+from deploy.formats import ir_bytes
 from deploy.onnx_export import PARITY_TOLERANCE, deploy_info, read_deploy_info
-from deploy.openvino_export import export_openvino, ir_bytes, quantize_openvino
+from deploy.openvino_export import export_openvino, quantize_openvino
 from deploy.openvino_runtime import compile_ir
 from models.factory import model_from_checkpoint
 from utils.checkpoint import load_checkpoint

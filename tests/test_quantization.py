@@ -12,7 +12,7 @@ from torch.ao.quantization import get_default_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from models.factory import model_from_checkpoint
-from models.quantize import CalibrationWarning, QuantizationError, convert, float_batch_norms, load_quantized, prepare
+from models.quantize import CalibrationWarning, QuantizationError, convert, load_quantized, prepare
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.results import read_rows
 
@@ -81,6 +81,17 @@ def test_int8_artifacts_reload_in_a_fresh_process_with_identical_outputs(quantiz
         assert torch.isfinite(here).all()
     raw = torch.load(quantized_run / "int8_ptq.pt", map_location="cpu", weights_only=True)
     assert any(t.is_quantized for t in raw["model"].values() if isinstance(t, torch.Tensor))
+
+
+def float_batch_norms(converted: torch.fx.GraphModule) -> list[str]:
+    """Nodes of a converted graph that still run BatchNorm in float (should be none)."""
+    found = []
+    for node in converted.graph.nodes:
+        if node.op == "call_module" and isinstance(converted.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
+            found.append(node.name)
+        elif node.op in ("call_function", "call_method") and "batch_norm" in getattr(node.target, "__name__", str(node.target)):
+            found.append(node.name)
+    return found
 
 
 def test_timm_batchnorm_act_is_fused_away(trained_run):

@@ -11,6 +11,7 @@ from typing import TypeVar
 
 from utils.errors import UserError
 from utils.logs import setup_logging
+from utils.recipes import read_recipe
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +80,62 @@ def add_logging_args(parser: argparse.ArgumentParser) -> None:
                        help="also debug details (e.g. data loading and cost measurements)")
 
 
+def add_config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE.yaml",
+                        help="a recipe: a YAML mapping of this script's flag names to values (e.g. recipes/quickstart.yaml, "
+                             "or a run's own config.yaml to run it again); flags typed here override it")
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags typed over a ``--config`` recipe over the parser's defaults.
+
+    ``args.explicit`` holds the destination names set by the user (typed or in the recipe), so scripts can refuse
+    a flag that a mode or a checkpoint would otherwise silently ignore.
+    """
+    config, _ = _config_only().parse_known_args(argv)
+    recipe = read_recipe(config.config, parser, skip=NOT_IN_RECIPES) if config.config else {}
+    for action in parser._actions:  # a required flag (or group) the recipe gives need not be typed
+        if action.dest in recipe:
+            action.required = False
+    for group in parser._mutually_exclusive_groups:
+        if any(action.dest in recipe for action in group._group_actions):
+            group.required = False
+    parser.set_defaults(**recipe)
+    args = parser.parse_args(argv)
+    args.explicit = frozenset(recipe) | typed_flags(parser, argv)
+    return args
+
+
+NOT_IN_RECIPES = frozenset({"help", "config"})
+
+
+def _config_only() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config")
+    return parser
+
+
+def typed_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> frozenset[str]:
+    """Destination names given on the command line: argparse fills a default only where the namespace lacks a value."""
+    unset = object()
+    probe = argparse.Namespace(**{action.dest: None if isinstance(action, argparse._AppendAction) else unset
+                                  for action in parser._actions if action.dest != "help"})
+    parser.parse_args(argv, namespace=probe)
+    return frozenset(dest for dest, value in vars(probe).items() if value is not unset and value is not None
+                     and dest != "config")
+
+
 def run_cli(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser) -> None:
-    """Parse flags, set up logging, run ``main``; a UserError ends the program with one clear line (exit 2)."""
+    """Parse flags (and a --config recipe), set up logging, run ``main``; a UserError ends the program with one clear
+    line (exit 2)."""
     add_logging_args(parser)
-    args = parser.parse_args()
+    add_config_arg(parser)
+    try:
+        args = parse_command_line(parser)
+    except UserError as error:
+        setup_logging("normal")
+        log.error("%s", error)
+        sys.exit(2)
     setup_logging(args.verbosity)
     try:
         main(args)
