@@ -238,12 +238,14 @@ def test_zoomed_synthetic_runs_are_labelled_apart(v1_description):
 
 
 def test_the_readme_quick_start_is_a_valid_command_for_one_lines_fabrics(monkeypatch):
-    """The README's first command must keep parsing as the flags change: it is what a new user runs first."""
+    """The README's first command, a recipe, must keep parsing as the flags change: it is what a new user runs first."""
     (line,) = [line for line in (ROOT / "README.md").read_text().splitlines() if "python main.py" in line and "pip install" in line]
+    argv = shlex.split(line.split("python main.py", 1)[1])
+    assert argv[0] == "--config" and len(line.split("&& ", 1)[1]) <= 80
     parser = runpy.run_path(str(ROOT / "main.py"), run_name="not_main")["get_args_parser"]()
     add_config_arg(parser)
     monkeypatch.chdir(ROOT)  # the README runs from the repository root
-    config = resolve(vars(parse_command_line(parser, shlex.split(line.split("python main.py", 1)[1]))))
+    config = resolve(vars(parse_command_line(parser, argv)))
     assert config.data.data_root is None and config.data.source == SyntheticSource(240, 112, 4.0, "ABJ")
     assert config.data.fabrics == ["A", "B", "J"] and config.training.epochs <= config.training.patience
 
