@@ -35,8 +35,9 @@ from engine.flags import add_data_args, add_run_args
 from engine.loop import evaluate
 from engine.run import choose_threshold_on_val, create_run_dir, log_test_row, prepare_data, record
 from models.factory import model_from_checkpoint
+from models.quantize import check_calibration
 from models.stats import model_stats, time_runs
-from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.checkpoint import CheckpointError, check_zip_records, load_checkpoint
 from utils.cli import non_negative_float, positive_int, run_cli
 from utils.description import RunDescription
 from utils.distributed import Runtime
@@ -163,6 +164,7 @@ def main(args: argparse.Namespace) -> None:
         train_images = bundle.parts["train"].images
         chosen = np.random.default_rng(args.seed).permutation(len(train_images))[:args.calibration_images]
         calibration = torch.stack([preprocess(train_images[i]) for i in chosen]).numpy()
+        check_calibration("ONNX/OpenVINO INT8" if args.openvino else "ONNX INT8", len(calibration), args.calibration_images)
         quantize_onnx(fp32_path, int8_path, calibration)
         rows.append(score(int8_path, "onnx-int8", OnnxModule, stamp_operating_point, scoring))
         artifacts["onnxruntime-int8"] = lambda threads: OnnxModule(int8_path, threads)
@@ -250,6 +252,7 @@ def load_torch_int8(path: str):
     """Builder for a PyTorch INT8 TorchScript file (its quantised kernels come from torch.backends.quantized.engine)."""
     if not Path(path).is_file():
         raise CheckpointError(f"--torch-int8 file '{path}' does not exist")
+    check_zip_records(Path(path))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)

@@ -84,8 +84,12 @@ def main(args: argparse.Namespace) -> None:
         if "resume" not in checkpoint:
             raise CheckpointError(f"'{args.resume}' has no training state: resume from a run's last.pt, not best.pt")
         stored = checkpoint["description"]
+        if stored.script != "main":  # e.g. a pruned architecture and its own steps, which main.py would not rebuild
+            raise CheckpointError(f"'{args.resume}' is the last.pt of a {stored.script}.py run: main.py --resume continues "
+                                  f"main.py runs only; train its best.pt further with main.py --init, or run "
+                                  f"{stored.script}.py again")
         flags = {**stored.args, **{key: flags[key] for key in KEPT_ON_RESUME}}
-        specs = [ModelSpec(stored.model, stored.family, stored.alpha)]
+        specs = [ModelSpec.of(stored)]
         if stored.args.get("init"):  # an --init run goes on in its checkpoint's architecture, from trained weights
             start, sections = start_from(checkpoint)
     else:
@@ -97,7 +101,7 @@ def main(args: argparse.Namespace) -> None:
     if args.init:
         init = load_init(args)
         init_description = init["description"]
-        specs = [ModelSpec(init_description.model, init_description.family, init_description.alpha)]
+        specs = [ModelSpec.of(init_description)]
         start, sections = start_from(init)
         config = config.with_data(img_size=config.data.img_size or init_description.img_size)
     if flags.get("stats_only"):

@@ -95,7 +95,7 @@ def main(args: argparse.Namespace) -> None:
         parse_flops(args.target_flops, base_flops) if args.target_flops else None,
     )
     bundle = prepare_data(config, runtime, stored=stored)
-    spec = ModelSpec(stored.model, stored.family, stored.alpha)
+    spec = ModelSpec.of(stored)
     description = describe("prune", "prune", spec, bundle, img_size, stored.mean, stored.std,
                            pretrained=stored.pretrained, config=config)
     data = loaders(bundle, description, config, runtime)

@@ -297,12 +297,18 @@ def calibrate(prepared: torch.fx.GraphModule, batches: Iterable[tuple[torch.Tens
             break
         prepared(images.cpu())
         seen += len(images)
+    check_calibration("PTQ", seen, requested_images)
+    return seen
+
+
+def check_calibration(what: str, seen: int, requested_images: int) -> None:
+    """The one check of every INT8 calibration (PyTorch PTQ, ONNX Runtime, OpenVINO): a CalibrationWarning when it saw
+    fewer images than asked for or than give stable activation ranges."""
     if seen < requested_images or seen < MIN_CALIBRATION_IMAGES:
         warnings.warn(
-            f"PTQ calibrated on only {seen} images (asked for {requested_images}; at least {MIN_CALIBRATION_IMAGES} "
+            f"{what} calibrated on only {seen} images (asked for {requested_images}; at least {MIN_CALIBRATION_IMAGES} "
             "give stable activation ranges): expect lower INT8 accuracy", CalibrationWarning, stacklevel=3,
         )
-    return seen
 
 
 def _weighted(module: nn.Module) -> nn.Module:
