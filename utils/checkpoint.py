@@ -6,7 +6,6 @@ Everything loads with ``torch.load(weights_only=True)``, so an untrusted file ca
 """
 from __future__ import annotations
 
-import io
 import random
 import zipfile
 import zlib
@@ -17,7 +16,7 @@ import torch
 
 from utils.description import DescriptionError, RunDescription
 from utils.errors import UserError
-from utils.io import atomic_open
+from utils.io import write_serialised
 
 FORMAT = "stitchdefect-checkpoint"
 VERSION = 1
@@ -31,13 +30,7 @@ def save_checkpoint(path: Path | str, model_state: dict, description: RunDescrip
     payload = {"format": FORMAT, "version": VERSION, "model": model_state, "description": description.to_dict()}
     if resume is not None:
         payload["resume"] = resume
-    # Serialised in memory, then written by Python: torch's zip writer reports a full disk as "enforce fail at
-    # inline_container.cc", while a Python write raises the OSError that names it ("No space left on device").
-    # The temp file replaces the old checkpoint only once complete, so a failed save leaves the previous one intact.
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    with atomic_open(path, "wb") as handle:
-        handle.write(buffer.getbuffer())
+    write_serialised(path, lambda buffer: torch.save(payload, buffer))
 
 
 def load_checkpoint(path: Path | str) -> dict:
@@ -62,7 +55,7 @@ def load_checkpoint(path: Path | str) -> dict:
         raise CheckpointError(f"'{path}' is not a checkpoint of this project (no '{FORMAT}' marker)")
     version = payload.get("version", 0)
     if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-        raise CheckpointError(f"'{path}' is damaged or not of this toolkit: its format version is {version!r}, not a number")
+        raise CheckpointError(f"'{path}' is damaged or not of this toolkit: its format version is {version!r}, not a version number")
     if version > VERSION:
         raise CheckpointError(f"'{path}' was written by a newer version of this toolkit; upgrade it")
     if not isinstance(payload.get("model"), dict):

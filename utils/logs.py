@@ -33,7 +33,7 @@ THIRD_PARTY_WARNINGS = (
 
 # Third-party loggers that say nothing a user can act on, muted below the level given: torch warns "No CUDA runtime
 # is found" on a CPU-only machine with a CUDA toolkit whenever something (NNCF, inductor) imports cpp_extension.
-# torch gives its loggers their own stderr handler, so only their level keeps such a record out of --quiet.
+# torch gives its loggers their own stderr handler, so only their level keeps such a record out, at every verbosity.
 THIRD_PARTY_LOG_LEVELS = {"torch.utils.cpp_extension": logging.ERROR}
 
 
