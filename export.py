@@ -134,6 +134,13 @@ def main(args: argparse.Namespace) -> None:
     real = torch.stack([preprocess(image) for image in bundle.parts["test"].images[:PARITY_IMAGES]])
     parity_inputs = {"random": torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(args.seed)), "real": real}
 
+    calibration = None
+    if args.int8:  # chosen (and said to be too few) before any export work
+        train_images = bundle.parts["train"].images
+        chosen = np.random.default_rng(args.seed).permutation(len(train_images))[:args.calibration_images]
+        calibration = torch.stack([preprocess(train_images[i]) for i in chosen]).numpy()
+        check_calibration("ONNX/OpenVINO INT8" if args.openvino else "ONNX INT8", len(calibration), args.calibration_images)
+
     run_dir = create_run_dir(config.output_dir, "export", description.model, runtime)
     fp32_path = Path(args.out) if args.out else run_dir / "model.onnx"
     stats = model_stats(model, size, len(bundle.class_names))
@@ -158,13 +165,9 @@ def main(args: argparse.Namespace) -> None:
         artifacts["pytorch-int8"] = torch_int8
     artifacts["onnxruntime-fp32"] = lambda threads: OnnxModule(fp32_path, threads)
 
-    calibration, accuracy_control = None, None
+    accuracy_control = None
     if args.int8:
         int8_path = fp32_path.with_suffix(".int8.onnx")
-        train_images = bundle.parts["train"].images
-        chosen = np.random.default_rng(args.seed).permutation(len(train_images))[:args.calibration_images]
-        calibration = torch.stack([preprocess(train_images[i]) for i in chosen]).numpy()
-        check_calibration("ONNX/OpenVINO INT8" if args.openvino else "ONNX INT8", len(calibration), args.calibration_images)
         quantize_onnx(fp32_path, int8_path, calibration)
         rows.append(score(int8_path, "onnx-int8", OnnxModule, stamp_operating_point, scoring))
         artifacts["onnxruntime-int8"] = lambda threads: OnnxModule(int8_path, threads)

@@ -131,11 +131,11 @@ class Stop(UserError):
 
 
 def test_export_warns_about_too_few_calibration_images(trained_run, tmp_path, monkeypatch, capsys):
-    """The same CalibrationWarning as quantization-train.py's; quantisation itself is stopped here to keep it short."""
+    """The same CalibrationWarning as quantization-train.py's, before any export work (stopped there to keep it short)."""
     def stop(*args, **kwargs):
         raise Stop("stopped after calibration")
 
-    monkeypatch.setattr(onnx_export, "quantize_onnx", stop)
+    monkeypatch.setattr(onnx_export, "export_onnx", stop)
     with pytest.warns(CalibrationWarning, match="ONNX INT8 calibrated on only 1 images"):
         assert run_script("export.py", "--checkpoint", trained_run / "best.pt", "--int8", "--calibration-images", "1",
                           "--workers", "0", "--output-dir", tmp_path) == 2
