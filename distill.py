@@ -74,7 +74,7 @@ def student_starts(args: argparse.Namespace, teacher: RunDescription) -> list[tu
         payload = load_checkpoint(args.student_checkpoint)
         stored = payload["description"]
         check_compatible(teacher, stored, args.img_size)
-        return [(ModelSpec(stored.model, stored.family, stored.alpha), payload)]
+        return [(ModelSpec.of(stored), payload)]
     check_compatible(teacher, None, args.img_size)
     return [(resolve_model(name.strip(), args.alpha), None) for name in args.model.split(",") if name.strip()]
 

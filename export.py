@@ -35,8 +35,9 @@ from engine.flags import add_data_args, add_run_args
 from engine.loop import evaluate
 from engine.run import Result, choose_threshold_on_val, create_run_dir, log_test_row, prepare_data, record
 from models.factory import model_from_checkpoint
+from models.quantize import check_calibration
 from models.stats import model_stats, time_runs
-from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.checkpoint import CheckpointError, check_zip_records, load_checkpoint
 from utils.cli import non_negative_float, positive_int, run_cli
 from utils.description import RunDescription
 from utils.distributed import Runtime
@@ -160,15 +161,15 @@ SUMMARY_KEYS = ("checkpoint", "test_acc", "file_mb", "threshold", "op_defect_rec
 
 def export_job(model: torch.nn.Module, description: RunDescription, bundle: DataBundle, onnx_path: Path,
                args: argparse.Namespace) -> ExportJob:
-    """The export's model and paths, with the calibration images (--calibration-images training images, seeded)
-    and the validation split, both preprocessed as evaluation does, made when a format first needs them."""
+    """The export's model and paths, with the calibration images (--calibration-images training images, seeded; with
+    --int8) and the validation split (made when accuracy control needs it), preprocessed as evaluation does."""
     preprocess = Preprocess(description.mean, description.std)
-
-    @functools.cache
-    def calibration() -> np.ndarray:
+    calibration = None
+    if args.int8:  # chosen (and said to be too few) before any export work
         images = bundle.parts["train"].images
         chosen = np.random.default_rng(args.seed).permutation(len(images))[:args.calibration_images]
-        return torch.stack([preprocess(images[i]) for i in chosen]).numpy()
+        calibration = torch.stack([preprocess(images[i]) for i in chosen]).numpy()
+        check_calibration("ONNX/OpenVINO INT8" if args.openvino else "ONNX INT8", len(calibration), args.calibration_images)
 
     def validation() -> tuple[np.ndarray, np.ndarray]:
         val = bundle.parts["val"]
@@ -248,6 +249,7 @@ def load_torch_int8(path: str):
     """Builder for a PyTorch INT8 TorchScript file (its quantised kernels come from torch.backends.quantized.engine)."""
     if not Path(path).is_file():
         raise CheckpointError(f"--torch-int8 file '{path}' does not exist")
+    check_zip_records(Path(path))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)

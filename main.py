@@ -88,15 +88,19 @@ def main(args: argparse.Namespace) -> None:
         if "resume" not in checkpoint:
             raise CheckpointError(f"'{args.resume}' has no training state: resume from a run's last.pt, not best.pt")
         stored = checkpoint["description"]
+        if stored.script != "main":  # e.g. a pruned architecture and its own steps, which main.py would not rebuild
+            raise CheckpointError(f"'{args.resume}' is the last.pt of a {stored.script}.py run: main.py --resume continues "
+                                  f"main.py runs only; train its best.pt further with main.py --init, or run "
+                                  f"{stored.script}.py again")
         refuse(args.explicit, {name: RESUMED for name in args.explicit if name not in KEPT_ON_RESUME})
         config = resolve({**stored.args, **{key: vars(args)[key] for key in KEPT_ON_RESUME}}, pinned=stored)
-        specs = [ModelSpec(stored.model, stored.family, stored.alpha)]
+        specs = [ModelSpec.of(stored)]
         if stored.args.get("init"):  # an --init run goes on in its checkpoint's architecture, from trained weights
             start, sections = start_from(checkpoint)
     elif args.init:
         init = load_init(args)
         config = resolve(vars(args), start=init["description"])
-        specs = [ModelSpec(init["description"].model, init["description"].family, init["description"].alpha)]
+        specs = [ModelSpec.of(init["description"])]
         start, sections = start_from(init)
     else:
         config = resolve(vars(args))

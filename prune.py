@@ -102,8 +102,8 @@ def main(args: argparse.Namespace) -> None:
         parse_flops(args.target_flops, base_flops) if args.target_flops else None,
     )
     bundle = prepare_data(config, runtime)
-    description = describe("prune", "prune", ModelSpec(stored.model, stored.family, stored.alpha), bundle, config,
-                           {"mean": stored.mean, "std": stored.std}, pretrained=stored.pretrained)
+    description = describe("prune", "prune", ModelSpec.of(stored), bundle, config, {"mean": stored.mean, "std": stored.std},
+                           pretrained=stored.pretrained)
     data = loaders(bundle, description, config, runtime)
     batches = [batch for batch, _ in zip(data["train"], range(TAYLOR_BATCHES))] if args.importance == "taylor" else []
     pruner = ChannelPruner(model, img_size, pruning, batches)  # checks --target-flops before any training

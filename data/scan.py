@@ -76,6 +76,8 @@ def scan_dataset(root: Path | str, class_names: list[str] | None = None) -> Scan
     """
     root = Path(root)
     hint = HOW_TO_GET_DATA if class_names is None else "Give a folder of <class>/<image> files."
+    if root.is_file():
+        raise DatasetError(f"data root '{root}' is a file, but a folder of images is expected. {hint}")
     if not root.is_dir():
         raise DatasetError(f"data root '{root}' does not exist. {hint}")
     files = _list_images(root)

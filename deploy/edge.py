@@ -6,6 +6,7 @@ Pillow, so a Raspberry Pi needs neither PyTorch nor timm (requirements-edge.txt)
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -23,6 +24,8 @@ from utils.operating_point import OperatingPoint, OperatingPointError
 # The exported model's interface; defined on this torch-free side, deploy.onnx_export writes it.
 METADATA_KEY = "stitchdefect"  # ONNX metadata entry / OpenVINO rt_info key holding the deploy info (class names, mean/std,
 # img_size, operating_point: the defect threshold chosen for this artifact on validation images)
+CHECKSUM_KEY = "stitchdefect_sha256"  # ONNX metadata entry / OpenVINO rt_info key: SHA-256 of the graph and weights,
+# checked before the model is used (ONNX: every top-level field of the file but the metadata; OpenVINO: the .bin)
 INPUT_NAME = "input"  # float32 [batch, 3, img_size, img_size], normalised with the stored mean/std
 OUTPUT_NAME = "logits"  # float32 [batch, num_classes], softmax gives the class probabilities
 
@@ -103,6 +106,62 @@ def read_info_json(text: str, path: Path) -> dict:
         raise EdgeModelError(f"'{path}': the model's metadata is damaged ({error}); export it again with export.py") from None
 
 
+ONNX_METADATA_FIELD = 14  # ModelProto.metadata_props in onnx.proto
+
+
+def _varint(data: bytes | memoryview, at: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if at >= len(data) or shift > 63:
+            raise ValueError("truncated")
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at, shift = at + 1, shift + 7
+        if byte < 0x80:
+            return value, at
+
+
+def onnx_checksum(data: bytes | memoryview) -> str:
+    """SHA-256 of a serialised ONNX model's top-level fields except its metadata (graph, weights, opsets: the bytes
+    as written), read from the protobuf wire format: torch-free and onnx-free, and the metadata, which carries the
+    checksum, can be rewritten (a stamped threshold) without touching it. ValueError for bytes that are not protobuf."""
+    digest, at = hashlib.sha256(), 0
+    while at < len(data):
+        start = at
+        tag, at = _varint(data, at)
+        kind = tag & 7
+        if kind == 0:
+            at = _varint(data, at)[1]
+        elif kind == 2:
+            length, at = _varint(data, at)
+            at += length
+        elif kind in (1, 5):
+            at += 8 if kind == 1 else 4
+        else:
+            raise ValueError(f"wire type {kind}")
+        if at > len(data):
+            raise ValueError("truncated")
+        if tag >> 3 != ONNX_METADATA_FIELD:
+            digest.update(data[start:at])
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_checksum(path: Path, stored: str, actual: str) -> None:
+    """EdgeModelError (one line) when the checksum stored at export does not match the file: damaged after export.
+    (An artifact exported before checksums were stored has none: it is used as it is.)"""
+    if stored != actual:
+        raise EdgeModelError(f"'{path}' is damaged: its weights no longer match the checksum stored when it was exported "
+                             "(SHA-256); copy it again, or export it again with export.py")
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
@@ -150,6 +209,12 @@ class EdgeClassifier(ExportedClassifier):
         metadata = self.session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in metadata:
             raise EdgeModelError(f"'{path}' has no class names or preprocessing metadata: export it with export.py")
+        if CHECKSUM_KEY in metadata:
+            try:
+                actual = onnx_checksum(path.read_bytes())
+            except ValueError:
+                actual = "unreadable"
+            check_checksum(path, metadata[CHECKSUM_KEY], actual)
         super().__init__(read_info_json(metadata[METADATA_KEY], path), self.session.get_inputs()[0].shape,
                          self.session.get_outputs()[0].shape)
 

@@ -24,13 +24,13 @@ from utils.operating_point import OperatingPoint
 
 @dataclass(frozen=True)
 class ExportJob:
-    """What the writers need: the FP32 model, its description, the FP32 ONNX path the others sit beside, and the
-    images of INT8 calibration and of accuracy control (made on first use)."""
+    """What the writers need: the FP32 model, its description, the FP32 ONNX path the others sit beside, the images
+    of INT8 calibration, and those of accuracy control (made on first use)."""
 
     model: torch.nn.Module
     description: RunDescription
     onnx_path: Path
-    calibration: Callable[[], np.ndarray]  # preprocessed training images, (N, 3, H, W) float32
+    calibration: np.ndarray | None  # preprocessed training images, (N, 3, H, W) float32 (with --int8)
     validation: Callable[[], tuple[np.ndarray, np.ndarray]]  # the validation split: (images, labels)
     max_drop: float | None = None  # OpenVINO INT8 accuracy control (percentage points), None: plain NNCF PTQ
 
@@ -62,7 +62,7 @@ def write_onnx(job: ExportJob, path: Path) -> dict:
 
 
 def write_onnx_int8(job: ExportJob, path: Path) -> dict:
-    quantize_onnx(job.onnx_path, path, job.calibration())
+    quantize_onnx(job.onnx_path, path, job.calibration)
     return {}
 
 
@@ -98,10 +98,10 @@ def write_openvino_int8(job: ExportJob, path: Path) -> dict:
     fp32_ir = openvino.read_ir(job.path(".xml"))[0]
     info = deploy_info(job.description)
     if job.max_drop is None:
-        openvino.quantize_openvino(fp32_ir, info, path, job.calibration())
+        openvino.quantize_openvino(fp32_ir, info, path, job.calibration)
         return {}
     images, labels = job.validation()
-    control = openvino.quantize_openvino_with_accuracy_control(fp32_ir, info, path, job.calibration(), images, labels,
+    control = openvino.quantize_openvino_with_accuracy_control(fp32_ir, info, path, job.calibration, images, labels,
                                                                job.max_drop)[1]
     return {"accuracy_control": control}
 

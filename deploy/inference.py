@@ -14,7 +14,7 @@ from deploy.onnx_export import deploy_info
 from models.factory import model_from_checkpoint
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
-from utils.io import atomic_path
+from utils.io import write_serialised
 from utils.operating_point import OperatingPoint
 
 
@@ -62,5 +62,4 @@ def save_torchscript_artifact(scripted: torch.jit.ScriptModule, info: dict, path
     info = {**info, "operating_point": point.to_dict() if point else None}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        with atomic_path(path) as tmp:
-            torch.jit.save(scripted, str(tmp), _extra_files={"deploy_info.json": json.dumps(info)})
+        write_serialised(path, lambda buffer: torch.jit.save(scripted, buffer, _extra_files={"deploy_info.json": json.dumps(info)}))

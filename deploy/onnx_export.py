@@ -17,7 +17,7 @@ import onnx
 import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-from deploy.edge import INPUT_NAME, METADATA_KEY, OUTPUT_NAME
+from deploy.edge import CHECKSUM_KEY, INPUT_NAME, METADATA_KEY, OUTPUT_NAME, onnx_checksum
 from utils.description import RunDescription
 from utils.errors import UserError
 from utils.io import atomic_path
@@ -56,8 +56,8 @@ def stamp_operating_point(path: Path, point: OperatingPoint | None) -> None:
 
 
 def _save_with_info(model: onnx.ModelProto, info: dict, path: Path) -> None:
-    del model.metadata_props[:]
-    onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(info)})
+    """The model with ``info`` and the checksum of everything else in its metadata (deploy.edge checks it at load)."""
+    onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(info), CHECKSUM_KEY: onnx_checksum(model.SerializeToString())})
     with atomic_path(path) as tmp:
         onnx.save_model(model, tmp)
 

@@ -19,9 +19,9 @@ import onnx
 import openvino as ov
 import torch
 
-from deploy.edge import METADATA_KEY, all_threads
+from deploy.edge import CHECKSUM_KEY, METADATA_KEY, all_threads, file_sha256
 from deploy.onnx_export import read_deploy_info
-from deploy.openvino_runtime import compile_ir, read_ir
+from deploy.openvino_runtime import compile_ir, openvino_reason, read_ir
 from utils.io import WriteError, atomic_path
 from utils.operating_point import OperatingPoint
 
@@ -29,17 +29,25 @@ log = logging.getLogger(__name__)
 
 
 def save_ir(model: ov.Model, info: dict, path: Path) -> None:
-    """``path`` (.xml) and its .bin, float32 weights (ov.save_model compresses to FP16 by default), deploy info in
-    rt_info; each file replaced atomically, the .bin first."""
+    """``path`` (.xml) and its .bin, float32 weights (ov.save_model compresses to FP16 by default), deploy info and
+    the .bin's SHA-256 in rt_info; each file replaced atomically, the .bin first.
+
+    The .bin does not depend on rt_info: the IR is written once to learn its checksum, then again carrying it."""
     model.set_rt_info(json.dumps(info), [METADATA_KEY])
     with atomic_path(path) as xml_tmp, atomic_path(path.with_suffix(".bin")) as bin_tmp:
         with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+            xml, weights = Path(scratch) / "model.xml", Path(scratch) / "model.bin"
             try:
-                ov.save_model(model, Path(scratch) / "model.xml", compress_to_fp16=False)
+                ov.save_model(model, xml, compress_to_fp16=False)
+                checksum = file_sha256(weights)
+                model.set_rt_info(checksum, [CHECKSUM_KEY])
+                ov.save_model(model, xml, compress_to_fp16=False)
             except RuntimeError as error:  # OpenVINO reports a failed write as a RuntimeError
-                raise WriteError(f"cannot write '{path}': {str(error).strip().splitlines()[0]}") from None
-            (Path(scratch) / "model.bin").replace(bin_tmp)
-            (Path(scratch) / "model.xml").replace(xml_tmp)
+                raise WriteError(f"cannot write '{path}': {openvino_reason(error)}") from None
+            if file_sha256(weights) != checksum:
+                raise AssertionError("OpenVINO wrote two different .bin files for one model")
+            weights.replace(bin_tmp)
+            xml.replace(xml_tmp)
 
 
 def stamp_operating_point_ir(path: Path, point: OperatingPoint | None) -> None:

@@ -10,7 +10,17 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
-from deploy.edge import METADATA_KEY, EdgeModelError, ExportedClassifier, all_threads, read_info_json, softmax
+from deploy.edge import (
+    CHECKSUM_KEY,
+    METADATA_KEY,
+    EdgeModelError,
+    ExportedClassifier,
+    all_threads,
+    check_checksum,
+    file_sha256,
+    read_info_json,
+    softmax,
+)
 
 
 def read_ir(path: Path | str) -> tuple[ov.Model, dict]:
@@ -24,11 +34,21 @@ def read_ir(path: Path | str) -> tuple[ov.Model, dict]:
     try:
         model = ov.Core().read_model(path)
     except Exception as error:  # OpenVINO raises RuntimeError subclasses with multi-line messages
-        raise EdgeModelError(f"'{path}' is not a readable OpenVINO IR ({type(error).__name__}: "
-                             f"{str(error).strip().splitlines()[0]})") from None
+        raise EdgeModelError(f"'{path}' (with its {path.with_suffix('.bin').name}) is not a readable OpenVINO IR: "
+                             f"{openvino_reason(error)}") from None
     if not model.has_rt_info([METADATA_KEY]):
         raise EdgeModelError(f"'{path}' has no class names or preprocessing metadata: export it with export.py --openvino")
+    if model.has_rt_info([CHECKSUM_KEY]):
+        check_checksum(path.with_suffix(".bin"), model.get_rt_info([CHECKSUM_KEY]).astype(str), file_sha256(path.with_suffix(".bin")))
     return model, read_info_json(model.get_rt_info([METADATA_KEY]).astype(str), path)
+
+
+def openvino_reason(error: Exception) -> str:
+    """The line of an OpenVINO error that says what is wrong ("Incorrect weights in bin file!"), not the source file
+    and check it came from ("Exception from src/inference/...", "Check '...' failed at ...")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.startswith(("Exception from ", "Check '"))]
+    return (reasons or lines or [type(error).__name__])[-1]
 
 
 def dims(port: ov.Output) -> list[int | None]:

@@ -2,7 +2,8 @@
 
 Every source yields ``Frame``s of BGR pixels (OpenCV's order, also Picamera2's RGB888) with the time spent
 capturing and decoding them. An unreadable frame is yielded with ``image=None`` so it is counted and skipped;
-a file ends cleanly; a live source that drops is reopened with bounded back-off.
+a file ends cleanly; a live source that drops is reopened with bounded back-off, one that never opens is
+given up after a few seconds.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from utils.errors import UserError
 log = logging.getLogger(__name__)
 
 BACKOFF_S = (0.5, 1, 2, 4, 8, 16, 30, 30)  # waits before each reopen of a dropped live source; then it is given up
+OPEN_RETRY_S = (1, 2)  # waits before the retries of a live source that never opened (a camera still starting up)
 FILE_READ_RETRIES = 3  # failed reads in a row after which a video file has ended (fewer, then a good frame: unreadable frames)
 
 
@@ -79,12 +81,26 @@ class CaptureSource:
         raise SourceError(f"source '{self.name}' stayed unreachable for {len(BACKOFF_S)} reconnect attempts "
                           f"({sum(BACKOFF_S):g} s): check the camera or the stream URL")
 
-    def frames(self) -> Iterator[Frame]:
+    def _first_open(self) -> Capture:
+        """The first opening: a file opens or is refused; a live source gets a few quick retries, not the reconnects of
+        one that did open and then dropped (an address that is wrong stays wrong)."""
         capture = self._open()
+        if capture is None and not self.live:
+            raise SourceError(f"cannot open '{self.name}' as a video: is it a video file OpenCV can decode?")
+        for attempt, wait in enumerate(OPEN_RETRY_S, 1):
+            if capture is not None:
+                return capture
+            log.warning("source '%s' could not be opened: retrying in %g s (retry %d of %d)", self.name, wait, attempt,
+                        len(OPEN_RETRY_S))
+            self._sleep(wait)
+            capture = self._open()
         if capture is None:
-            if not self.live:
-                raise SourceError(f"cannot open '{self.name}' as a video: is it a video file OpenCV can decode?")
-            capture = self._reopen()
+            raise SourceError(f"cannot open source '{self.name}' ({len(OPEN_RETRY_S) + 1} attempts over "
+                              f"{sum(OPEN_RETRY_S):g} s): check the camera index and cable, or the stream URL and the network")
+        return capture
+
+    def frames(self) -> Iterator[Frame]:
+        capture = self._first_open()
         index, failed = 0, 0
         try:
             while True:

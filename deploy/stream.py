@@ -8,10 +8,12 @@ import contextlib
 import json
 import logging
 import resource
+import signal
 import sys
+import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -211,12 +213,30 @@ def open_window() -> None:
                         "and run it on a desktop") from None
 
 
-def write_line(handle: IO[str], line: str) -> None:
-    """One JSON line, flushed; a closed pipe (``| head``) goes up as it is, any other refusal (a full disk) becomes
-    one error line, after the summary of the frames inspected so far."""
+@contextlib.contextmanager
+def ctrl_c_held() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise its KeyboardInterrupt when the block is done,
+    so a line being written is written whole. Only the main thread can set signal handlers; elsewhere it holds nothing."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    held: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
     try:
-        handle.write(line + "\n")
-        handle.flush()
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
+
+
+def write_line(handle: IO[str], line: str) -> None:
+    """One JSON line, flushed, never cut by Ctrl-C; a closed pipe (``| head``) goes up as it is, any other refusal (a
+    full disk) becomes one error line, after the summary of the frames inspected so far."""
+    try:
+        with ctrl_c_held():
+            handle.write(line + "\n")
+            handle.flush()
     except BrokenPipeError:
         raise
     except OSError as error:

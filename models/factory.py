@@ -15,6 +15,7 @@ from timm.models import efficientnet, ghostnet, mobilenetv3, repghost
 from models.hub import HUB_TIMEOUT_S, cached_weights, reachable, weights_source
 from models.pruning import apply_architecture
 from utils.checkpoint import CheckpointError
+from utils.description import RunDescription
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,16 @@ class ModelSpec:
 
     def to_dict(self) -> dict:
         return {"model": self.name, "family": self.family, "alpha": self.alpha}
+
+    @classmethod
+    def of(cls, description: RunDescription) -> ModelSpec:
+        """The model a checkpoint describes; CheckpointError (one line) for one this timm and toolkit cannot build."""
+        spec = cls(description.model, description.family, description.alpha)
+        known = timm.is_model(spec.name) or (spec.family in FAMILIES and isinstance(spec.alpha, int | float) and spec.alpha > 0)
+        if not known:
+            raise CheckpointError(f"the checkpoint describes a model '{spec.name}' (family {spec.family}) that timm "
+                                  f"{timm.__version__} cannot build: it was made with another timm version, or is damaged")
+        return spec
 
 
 def resolve_model(name: str, alpha: float | None = None) -> ModelSpec:
@@ -165,7 +176,7 @@ __all__ = ["FAMILIES", "ModelError", "ModelSpec", "create_model", "data_config",
 def model_from_checkpoint(payload: dict) -> torch.nn.Module:
     """Rebuild the FP32 model a checkpoint describes and load its weights (no pickled modules)."""
     description = payload["description"]
-    spec = ModelSpec(description.model, description.family, description.alpha)
+    spec = ModelSpec.of(description)
     model, _ = create_model(spec, description.num_classes, pretrained=False)
     if description.pruned is not None:  # prune.py: re-shape the base model to the stored channel counts
         apply_architecture(model, description.pruned["architecture"])

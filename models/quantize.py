@@ -62,7 +62,7 @@ from models.factory import model_from_checkpoint
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.description import RunDescription
 from utils.errors import UserError
-from utils.io import atomic_path
+from utils.io import write_serialised
 
 BACKENDS = ("x86", "fbgemm", "qnnpack")  # qnnpack: the ARM kernels of a Raspberry Pi
 MIN_CALIBRATION_IMAGES = 100  # fewer images give noisy activation ranges
@@ -286,12 +286,18 @@ def calibrate(prepared: torch.fx.GraphModule, batches: Iterable[tuple[torch.Tens
             break
         prepared(images.cpu())
         seen += len(images)
+    check_calibration("PTQ", seen, requested_images)
+    return seen
+
+
+def check_calibration(what: str, seen: int, requested_images: int) -> None:
+    """The one check of every INT8 calibration (PyTorch PTQ, ONNX Runtime, OpenVINO): a CalibrationWarning when it saw
+    fewer images than asked for or than give stable activation ranges."""
     if seen < requested_images or seen < MIN_CALIBRATION_IMAGES:
         warnings.warn(
-            f"PTQ calibrated on only {seen} images (asked for {requested_images}; at least {MIN_CALIBRATION_IMAGES} "
+            f"{what} calibrated on only {seen} images (asked for {requested_images}; at least {MIN_CALIBRATION_IMAGES} "
             "give stable activation ranges): expect lower INT8 accuracy", CalibrationWarning, stacklevel=3,
         )
-    return seen
 
 
 def _weighted(module: nn.Module) -> nn.Module:
@@ -519,5 +525,4 @@ def save_torchscript(converted: torch.fx.GraphModule, path: Path | str, img_size
         warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates jit; it is still the INT8 deploy format
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # INT8 scales are constants of the deployed model
         traced = torch.jit.trace(converted.eval(), torch.zeros(1, 3, img_size, img_size))
-        with atomic_path(path) as tmp:
-            torch.jit.save(traced, str(tmp))
+        write_serialised(path, lambda buffer: torch.jit.save(traced, buffer))

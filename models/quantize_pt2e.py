@@ -39,7 +39,7 @@ from models.quantize import load_quantized as load_fx_quantized
 from models.stats import measure_latency
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.description import RunDescription
-from utils.io import WriteError, atomic_path
+from utils.io import write_serialised
 
 _pytree_log = logging.getLogger("torch.utils._pytree")
 _level = _pytree_log.level
@@ -241,11 +241,7 @@ def save_program(converted: torch.fx.GraphModule, path: Path | str) -> None:
     size = converted.meta[API]["img_size"]
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     program = torch.export.export(converted, (torch.zeros(2, 3, size, size),), dynamic_shapes=({0: batch},))
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:  # a handle: a path must end in .pt2, the temp file does not
-        try:
-            torch.export.save(program, handle)
-        except RuntimeError as error:
-            raise WriteError.of(path, OSError(str(error).splitlines()[0])) from None
+    write_serialised(path, lambda buffer: torch.export.save(program, buffer))
 
 
 def load_program(path: Path | str) -> torch.fx.GraphModule:
@@ -260,14 +256,8 @@ def compile_inference(model: nn.Module, img_size: int) -> nn.Module:
     quantize/dequantize ops with their convolutions. About a minute for mobilenetv3_small_050 at 112 px on one core.
     """
     compiled = _Compiled(torch.compile(model.eval()))
-    cpp_log = logging.getLogger("torch.utils.cpp_extension")
-    level = cpp_log.level
-    cpp_log.setLevel(logging.ERROR)  # "No CUDA runtime is found": irrelevant to a CPU build
-    try:
-        with inductor_config.patch(freezing=True), torch.inference_mode():
-            compiled(torch.zeros(1, 3, img_size, img_size))
-    finally:
-        cpp_log.setLevel(level)
+    with inductor_config.patch(freezing=True), torch.inference_mode():
+        compiled(torch.zeros(1, 3, img_size, img_size))
     return compiled
 
 

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny datasets written by the tests and one tiny trained checkpoint."""
 from __future__ import annotations
 
+import errno
 import os
 import runpy
 import subprocess
@@ -71,6 +72,27 @@ def run_in_fresh_process(code: str, *args: object, timeout: int = 300) -> None:
     done = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+class FillsUp:
+    """A file on a disk that fills up: half of the first write lands, then ENOSPC (as write(2) says it)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        self.handle.write(data[:len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()
 
 
 TINY_TRAIN = ("--model", "mobilenetv3_small_050", "--no-pretrained", "--img-size", "32", "--batch-size", "16", "--workers", "0")

@@ -1,7 +1,7 @@
 """Bad input and faults a careless user or a full disk produce: one clear line, correct figures, nothing damaged."""
 from __future__ import annotations
 
-import errno
+import builtins
 import shutil
 import threading
 from pathlib import Path
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_TRAIN, run_script, write_image
+from conftest import TINY_TRAIN, FillsUp, run_script, write_image
 from PIL import Image
 
 from data.loading import CachedImages, load_data, make_loader
@@ -147,15 +147,17 @@ def test_a_single_class_dataset_is_refused(tmp_path, capsys):
 
 def test_disk_full_mid_run_is_one_line_and_the_last_good_checkpoint_loads(tiny_dataset, tmp_path, monkeypatch, capsys):
     saves = []
-    real_save = torch.save
+    real_open = builtins.open
 
-    def fill_up(obj, path, *args, **kwargs):
-        saves.append(path)
-        if len(saves) == 3:  # epoch 2's first checkpoint write
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, path, *args, **kwargs)
+    def fill_up(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        if "w" in mode and Path(file).name.startswith((".best.pt.", ".last.pt.")):
+            saves.append(file)
+            if len(saves) == 3:  # epoch 2's first checkpoint write
+                return FillsUp(handle)
+        return handle
 
-    monkeypatch.setattr(torch, "save", fill_up)
+    monkeypatch.setattr(builtins, "open", fill_up)
     code = run_script("main.py", *TINY_TRAIN, "--data-root", tiny_dataset, "--epochs", "3", "--patience", "3",
                       "--output-dir", tmp_path)
     assert code == 2

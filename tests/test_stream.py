@@ -384,7 +384,7 @@ def test_a_password_in_a_stream_url_never_reaches_the_logs(monkeypatch: pytest.M
             pass
 
     monkeypatch.setattr(sources, "_video_capture", lambda target, live: opened.append(target) or Refusing())
-    monkeypatch.setattr(sources, "BACKOFF_S", (0.0,))
+    monkeypatch.setattr(sources, "OPEN_RETRY_S", (0.0,))
     source = sources.open_source("rtsp://line3:s3cret@10.0.0.5/seam")
     with pytest.raises(SourceError) as raised:
         list(source.frames())

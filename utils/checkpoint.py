@@ -7,6 +7,8 @@ Everything loads with ``torch.load(weights_only=True)``, so an untrusted file ca
 from __future__ import annotations
 
 import random
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ import torch
 
 from utils.description import DescriptionError, RunDescription
 from utils.errors import UserError
-from utils.io import WriteError, atomic_path
+from utils.io import write_serialised
 
 FORMAT = "stitchdefect-checkpoint"
 VERSION = 1
@@ -28,11 +30,7 @@ def save_checkpoint(path: Path | str, model_state: dict, description: RunDescrip
     payload = {"format": FORMAT, "version": VERSION, "model": model_state, "description": description.to_dict()}
     if resume is not None:
         payload["resume"] = resume
-    with atomic_path(path) as tmp:
-        try:
-            torch.save(payload, tmp)
-        except RuntimeError as error:  # torch's zip writer reports a failed write (e.g. disk full) as RuntimeError
-            raise WriteError.of(path, OSError(str(error).splitlines()[0])) from None
+    write_serialised(path, lambda buffer: torch.save(payload, buffer))
 
 
 def load_checkpoint(path: Path | str) -> dict:
@@ -43,6 +41,11 @@ def load_checkpoint(path: Path | str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
+    if is_exported_program(path):
+        raise CheckpointError(f"'{path}' is a torch.export program (.pt2, written by quantization-train.py --api pt2e), "
+                              "not a checkpoint: give the int8_<mode>.pt beside it, or the FP32 best.pt it was quantised "
+                              "from (export.py and distill.py need the FP32 one)")
+    check_zip_records(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors come in many types
@@ -50,7 +53,10 @@ def load_checkpoint(path: Path | str) -> dict:
         raise CheckpointError(f"'{path}' is not a readable checkpoint ({type(error).__name__}: {detail})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"'{path}' is not a checkpoint of this project (no '{FORMAT}' marker)")
-    if payload.get("version", 0) > VERSION:
+    version = payload.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise CheckpointError(f"'{path}' is damaged or not of this toolkit: its format version is {version!r}, not a version number")
+    if version > VERSION:
         raise CheckpointError(f"'{path}' was written by a newer version of this toolkit; upgrade it")
     if not isinstance(payload.get("model"), dict):
         raise CheckpointError(f"'{path}' holds no model weights (its 'model' entry is not a state dict)")
@@ -59,6 +65,35 @@ def load_checkpoint(path: Path | str) -> dict:
     except DescriptionError as error:
         raise CheckpointError(f"'{path}' is damaged or not of this toolkit: {error}") from None
     return payload
+
+
+def is_exported_program(path: Path) -> bool:
+    """Whether ``path`` is a ``torch.export.save`` archive (a zip holding ``<name>/archive_format``)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/archive_format") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def check_zip_records(path: Path) -> None:
+    """CheckpointError (one line) for a zip-based torch file (a checkpoint, a TorchScript model) with a record whose
+    bytes no longer match the CRC-32 stored when it was written: damaged after saving. torch.load does not check them.
+    A file that is no zip at all is left to torch.load to refuse."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for record in archive.infolist():
+                if record.CRC == 0:  # written without one (torch's compute_crc32 switched off), or empty
+                    continue
+                try:
+                    with archive.open(record) as data:
+                        while data.read(1 << 20):
+                            pass
+                except (zipfile.BadZipFile, zlib.error, EOFError):
+                    raise CheckpointError(f"'{path}' is damaged: its record '{record.filename}' no longer matches the "
+                                          "CRC-32 stored when it was saved; copy it again or save it anew") from None
+    except (OSError, zipfile.BadZipFile):
+        return
 
 
 def rng_state() -> dict:

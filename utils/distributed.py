@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from utils.errors import UserError
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -25,6 +27,29 @@ class Runtime:
         return self.world_size > 1
 
 
+def resolve_device(text: str | None, local_rank: int = 0) -> torch.device:
+    """``--device`` as a torch device: cpu, cuda or cuda:N (None: cuda when present, else cpu; a bare cuda under torchrun
+    is this process's GPU). UserError, one line, for a device this machine does not have."""
+    if text is None:
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {text}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise UserError(f"--device {text}: this toolkit trains on cpu or cuda; use cpu, cuda or cuda:N")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise UserError(f"--device {text}: no CUDA GPU is usable on this machine (torch {torch.__version__}, "
+                        f"CUDA build {torch.version.cuda or 'none'}); use --device cpu")
+    index = local_rank if device.index is None else device.index
+    if index >= count:
+        raise UserError(f"--device {text}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    return torch.device("cuda", index)
+
+
 def setup_runtime(device: str | None = None, amp: bool | None = None) -> Runtime:
     """Pick the device (CUDA when present) and join the torchrun process group if launched by it.
 
@@ -33,11 +58,8 @@ def setup_runtime(device: str | None = None, amp: bool | None = None) -> Runtime
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_device = torch.device(device)
+    torch_device = resolve_device(device, local_rank)
     if torch_device.type == "cuda":
-        torch_device = torch.device("cuda", local_rank if torch_device.index is None else torch_device.index)
         torch.cuda.set_device(torch_device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch_device.type == "cuda" else "gloo")

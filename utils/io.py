@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import functools
+import io
 import itertools
 import json
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -72,6 +73,16 @@ def atomic_open(path: Path | str, mode: str = "w", **kwargs) -> Iterator[IO]:
         yield handle
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def write_serialised(path: Path | str, serialise: Callable[[IO[bytes]], None]) -> None:
+    """``serialise(buffer)`` in memory (torch.save, torch.jit.save, torch.export.save), then the bytes written
+    atomically by Python: torch's own zip writer reports a full disk as "enforce fail at inline_container.cc", a
+    Python write as the OSError that names it ("No space left on device"); the previous file stays intact."""
+    buffer = io.BytesIO()
+    serialise(buffer)
+    with atomic_open(path, "wb") as handle:
+        handle.write(buffer.getbuffer())
 
 
 def make_unique_dir(parent: Path, name: str) -> Path:

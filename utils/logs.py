@@ -31,6 +31,11 @@ THIRD_PARTY_WARNINGS = (
     ("ignore", r"TypedStorage is deprecated", UserWarning, r""),  # torch.load of quantised tensors
 )
 
+# Third-party loggers that say nothing a user can act on, muted below the level given: torch warns "No CUDA runtime
+# is found" on a CPU-only machine with a CUDA toolkit whenever something (NNCF, inductor) imports cpp_extension.
+# torch gives its loggers their own stderr handler, so only their level keeps such a record out, at every verbosity.
+THIRD_PARTY_LOG_LEVELS = {"torch.utils.cpp_extension": logging.ERROR}
+
 
 class _TqdmHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
@@ -62,6 +67,8 @@ def setup_logging(verbosity: str = "normal") -> None:
     root.setLevel(logging.WARNING)  # third-party libraries: warnings and errors only
     for name in PROJECT_LOGGERS:
         logging.getLogger(name).setLevel(level)
+    for name, muted_below in THIRD_PARTY_LOG_LEVELS.items():
+        logging.getLogger(name).setLevel(muted_below)
     logging.captureWarnings(True)  # warnings.warn reach the same handler, as one line
     warnings.formatwarning = _one_line
     filter_third_party_warnings()
