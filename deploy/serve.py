@@ -48,6 +48,7 @@ LOOPBACK = "127.0.0.1"
 TOKEN_ENV = "STITCHDEFECT_TOKEN"
 TOKEN_MIN_CHARS = 16
 COOKIE = "stitchdefect_token"
+COOKIE_MAX_AGE_S = 30 * 24 * 3600  # a tablet that opened the printed URL once stays let in for a month
 PAGE = Path(__file__).with_name("view.html")
 VIEW_FPS = 10  # live pictures sent to each viewer per second, whatever the inspection's rate
 JPEG_QUALITY = 80
@@ -422,7 +423,7 @@ class ViewHandler(BaseHTTPRequestHandler):
 
     def send_page(self, query: dict[str, list[str]]) -> None:
         if self.server.token is not None and "token" in query:  # keep the token in a cookie, out of the address bar
-            cookie = f"{COOKIE}={self.server.token}; HttpOnly; SameSite=Strict; Path=/"
+            cookie = f"{COOKIE}={self.server.token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={COOKIE_MAX_AGE_S}"
             return self.send_body(HTTPStatus.SEE_OTHER, "text/plain", b"", {"Location": "./", "Set-Cookie": cookie})
         return self.send_body(HTTPStatus.OK, "text/html; charset=utf-8", PAGE.read_bytes(),
                               {"Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
