@@ -5,8 +5,8 @@
     python benchmarks/serve_view.py --onnx model224.onnx --out /tmp/serve-bench --rounds 0 --rss-minutes 10
 
 Source: a generated 1280x720 MPEG-4 video of a textured seam moving past the camera (--frames frames, written once
-into --out). FPS: ``stream.py --benchmark --threads 1`` on the video, alternately without --serve and with --serve and
---viewers clients; each client is a separate process that reads the MJPEG stream and polls api/status twice a second,
+into --out). FPS: ``stream.py --benchmark --threads 1 --save-defects`` on the video, alternately without --serve and with --serve
+and --viewers clients; each client is a separate process that reads the MJPEG stream and polls api/status twice a second,
 as the page does. Memory: ``stream.py --serve`` on a folder of links to the video's frames (a source that lasts as
 long as needed), one client, the process's VmRSS every 10 s; the run is ended by SIGTERM after --rss-minutes.
 """
@@ -151,17 +151,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     video = seam_video(args.out, args.frames)
-    common = ["--onnx", args.onnx, "--threads", "1", "-q"]
+    common = ["--onnx", args.onnx, "--threads", "1", "-q", "--save-defects", str(args.out / "alerts")]
     for round_ in range(args.rounds):
         plain = fps_of(stream_run([*common, "--source", str(video), "--benchmark"], 0)[0])
-        served = fps_of(stream_run([*common, "--source", str(video), "--benchmark", "--save-defects",
-                                    str(args.out / "alerts")], args.viewers)[0])
+        served = fps_of(stream_run([*common, "--source", str(video), "--benchmark"], args.viewers)[0])
         print(f"round {round_ + 1}: {plain:.1f} FPS without --serve, {served:.1f} FPS with --serve and {args.viewers} viewers "
               f"({served / plain:.1%})", flush=True)
     if args.rss_minutes:
         folder = linked_frames(args.out, video, args.rss_minutes)
-        out, samples = stream_run([*common, "--source", str(folder), "--save-defects", str(args.out / "alerts"), "--jsonl",
-                                   str(args.out / "rss.jsonl")], 1, args.rss_minutes)
+        out, samples = stream_run([*common, "--source", str(folder), "--jsonl", str(args.out / "rss.jsonl")], 1, args.rss_minutes)
         minute = samples[min(len(samples), 60 // SAMPLE_EVERY_S) - 1]
         print(f"RSS MB every {SAMPLE_EVERY_S} s: {' '.join(f'{mb:.1f}' for mb in samples)}")
         print(f"RSS growth from minute 1 to minute {args.rss_minutes}: {samples[-1] - minute:+.1f} MB "
