@@ -242,14 +242,16 @@ class LiveView:
             return self.seq, new, new[0][0] - seen - 1
 
     def status(self) -> dict:
+        """Counters, stage times, the last verdict and the gallery; only copies are taken under the inspection's lock."""
         with self._changed:
-            stamps = list(self._stamps)
-            status = {"source": self.source, "model": self.model, "threshold": self.threshold, "started": self.started.isoformat(
-                timespec="seconds"), "running": not self.closed, **self._counts,
-                "stages_ms": {stage: round(ms, 3) for stage, ms in self._stage_ms.items()}, "viewers": self.viewers,
-                "last": json.loads(self._line) if self._line else None, "banner": verdict_banner(self._verdict, self.threshold)
-                if self._verdict else None, "alerts_kept": [dict(alert) for alert in self._alerts],
-                "marks": bool(self.marks_folders)}
+            stamps, line, verdict = list(self._stamps), self._line, self._verdict
+            status = {"source": self.source, "model": self.model, "threshold": self.threshold, "running": not self.closed,
+                      **self._counts, "stages_ms": dict(self._stage_ms), "viewers": self.viewers,
+                      "alerts_kept": [dict(alert) for alert in self._alerts], "marks": bool(self.marks_folders)}
+        status["started"] = self.started.isoformat(timespec="seconds")
+        status["stages_ms"] = {stage: round(ms, 3) for stage, ms in status["stages_ms"].items()}
+        status["last"] = json.loads(line) if line else None
+        status["banner"] = verdict_banner(verdict, self.threshold) if verdict else None
         status["fps"] = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 and stamps[-1] > stamps[0] else 0.0
         status["last_frame_age_s"] = time.perf_counter() - stamps[-1] if stamps else None
         return status
