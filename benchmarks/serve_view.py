@@ -74,9 +74,11 @@ def linked_frames(out: Path, video: Path, minutes: int) -> Path:
     return folder
 
 
-def viewer(urls: multiprocessing.Queue) -> None:
-    """One browser's load: the MJPEG stream read as it comes and api/status twice a second, until the server closes."""
+def viewer(urls: multiprocessing.Queue, received: multiprocessing.Queue) -> None:
+    """One browser's load: the MJPEG stream read as it comes and api/status twice a second, until the server closes;
+    puts the number of pictures it got on ``received``."""
     url = urls.get()
+    pictures = 0
 
     def poll() -> None:
         while True:
@@ -89,17 +91,19 @@ def viewer(urls: multiprocessing.Queue) -> None:
     threading.Thread(target=poll, daemon=True).start()
     try:
         with urllib.request.urlopen(url + "stream.mjpg", timeout=10) as stream:
-            while stream.read(65536):
-                pass
+            while line := stream.readline():
+                pictures += line == b"--frame\r\n"
     except OSError:  # the server closed at the end of the run
         pass
+    received.put(pictures)
 
 
-def stream_run(flags: list[str], viewers: int, minutes: float | None = None) -> tuple[str, list[float]]:
-    """Run stream.py with ``flags`` (and --serve with ``viewers`` clients when > 0); its stdout and the RSS samples (MB)."""
+def stream_run(flags: list[str], viewers: int, minutes: float | None = None) -> tuple[str, list[float], list[int]]:
+    """Run stream.py with ``flags`` (and --serve with ``viewers`` clients when > 0); its stdout, the RSS samples (MB)
+    and the pictures each client received."""
     context = multiprocessing.get_context("spawn")
-    urls = context.Queue()
-    clients = [context.Process(target=viewer, args=(urls,)) for _ in range(viewers)]
+    urls, received = context.Queue(), context.Queue()
+    clients = [context.Process(target=viewer, args=(urls, received)) for _ in range(viewers)]
     for client in clients:
         client.start()  # started before the inspection, so they connect at once
     serve = ["--serve", "127.0.0.1:0"] if viewers else []
@@ -123,7 +127,7 @@ def stream_run(flags: list[str], viewers: int, minutes: float | None = None) -> 
         client.join(timeout=30)
     if process.returncode != 0:
         raise SystemExit(f"stream.py failed ({process.returncode}): {out[-2000:]}")
-    return out, samples
+    return out, samples, [received.get(timeout=30) for _ in clients]
 
 
 def rss_mb(pid: int) -> float:
@@ -154,16 +158,19 @@ def main(args: argparse.Namespace) -> None:
     common = ["--onnx", args.onnx, "--threads", "1", "-q", "--save-defects", str(args.out / "alerts")]
     for round_ in range(args.rounds):
         plain = fps_of(stream_run([*common, "--source", str(video), "--benchmark"], 0)[0])
-        served = fps_of(stream_run([*common, "--source", str(video), "--benchmark"], args.viewers)[0])
+        out, _, pictures = stream_run([*common, "--source", str(video), "--benchmark"], args.viewers)
+        served = fps_of(out)
         print(f"round {round_ + 1}: {plain:.1f} FPS without --serve, {served:.1f} FPS with --serve and {args.viewers} viewers "
-              f"({served / plain:.1%})", flush=True)
+              f"({served / plain:.1%}; pictures received: {', '.join(map(str, pictures))})", flush=True)
     if args.rss_minutes:
         folder = linked_frames(args.out, video, args.rss_minutes)
-        out, samples = stream_run([*common, "--source", str(folder), "--jsonl", str(args.out / "rss.jsonl")], 1, args.rss_minutes)
+        out, samples, pictures = stream_run([*common, "--source", str(folder), "--jsonl", str(args.out / "rss.jsonl")], 1,
+                                            args.rss_minutes)
         minute = samples[min(len(samples), 60 // SAMPLE_EVERY_S) - 1]
         print(f"RSS MB every {SAMPLE_EVERY_S} s: {' '.join(f'{mb:.1f}' for mb in samples)}")
         print(f"RSS growth from minute 1 to minute {args.rss_minutes}: {samples[-1] - minute:+.1f} MB "
-              f"(first sample {samples[0]:.1f}, max {max(samples):.1f}); {out.strip().splitlines()[0]}")
+              f"(first sample {samples[0]:.1f}, max {max(samples):.1f}); the viewer got {pictures[0]} pictures; "
+              f"{out.strip().splitlines()[0]}")
 
 
 if __name__ == "__main__":
