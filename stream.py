@@ -3,6 +3,7 @@
     python stream.py --onnx model.onnx --source 0                                   # USB camera, JSON lines on stdout
     python stream.py --onnx model.onnx --source picamera --roi 40,248,1200,224 --tile 224 --consecutive 3 --jsonl seam.jsonl
     python stream.py --onnx model.onnx --source line3.mp4 --benchmark               # how fast is this machine?
+    python stream.py --onnx model.onnx --source picamera --save-defects alerts/ --serve 0.0.0.0:8080   # view it in a browser
 
 With --onnx (or --openvino) it needs neither PyTorch nor timm (requirements-edge.txt). Every frame gets one JSON line (time,
 frame index, verdict, class, confidence, defect score, tile); a tile is defective when its defect score 1 - P(Normal) reaches
@@ -13,12 +14,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
 from deploy.artifacts import add_model_args, add_threshold_arg, decision_rule, decision_threshold, open_classifier
 from deploy.collect import DEFAULT_BAND, DEFAULT_MAX, Collector
+from deploy.serve import Address, LiveView, parse_address, start_view
 from deploy.sources import open_source
 from deploy.stream import Inspector, Outputs, Settings, StopRequest, Summary, open_window, run
 from deploy.tiling import Box, parse_roi
@@ -32,6 +35,13 @@ log = logging.getLogger(__name__)
 def roi(text: str) -> Box:
     try:
         return parse_roi(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def address(text: str) -> Address:
+    try:
+        return parse_address(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
@@ -64,6 +74,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="save each alerted frame as DIR/frame_<index>.jpg with its defective tiles boxed and labelled")
     out.add_argument("--show", action="store_true", help="show the frames with the tiles and FPS in a window (q or Esc quits; "
                                                          "needs opencv-python with GUI, not -headless)")
+    out.add_argument("--serve", type=address, metavar="[HOST:]PORT",
+                     help="serve a live view to browsers: annotated frames, counters, the latest alerts (marked 'not a defect' "
+                          "or 'confirmed' into marks.csv beside --save-defects and in --collect), api/status JSON and "
+                          "api/events (the JSON lines); HOST defaults to 127.0.0.1 (this machine only); beyond it every "
+                          "request needs the token of $STITCHDEFECT_TOKEN, else one is generated and printed")
     out.add_argument("--benchmark", action="store_true",
                      help="time the run: no JSON lines on stdout; the summary adds the share of 1 / (capture + preprocess + "
                           "inference) reached end to end")
@@ -108,19 +123,31 @@ def main(args: argparse.Namespace) -> None:
         jsonl = open(args.jsonl, "a", encoding="utf-8") if args.jsonl else sys.stdout if on_stdout else None
     except OSError as error:
         raise WriteError.of(args.jsonl, error) from None
+    info = classifier.info
+    model = f"{info['model']} {info['img_size']} px, {decision_rule(threshold)}"
+    view = server = None
+    if args.serve:
+        if args.save_defects is None:
+            log.warning("--serve without --save-defects: the gallery lists alerts without pictures, and marks are kept "
+                        "only with --collect")
+        view = LiveView(source.name, model, threshold, args.roi, args.save_defects,
+                        [folder for folder in (args.save_defects, args.collect) if folder is not None])
+        server, line = start_view(args.serve, view, dict(os.environ))
+        print(line, file=sys.stderr, flush=True)
     frames = source.frames()
     try:
         status = sys.stderr if log.isEnabledFor(logging.INFO) else None
-        run(frames, inspector, settings, Outputs(jsonl, args.save_defects, args.show, status, collector), summary, stop)
+        run(frames, inspector, settings, Outputs(jsonl, args.save_defects, args.show, status, collector, view), summary, stop)
     finally:
         frames.close()
+        if server is not None:
+            server.close()
         if jsonl is not None and jsonl is not sys.stdout:
             with contextlib.suppress(OSError):  # a refused write has raised its own error line
                 jsonl.close()
         summary.reconnects = source.reconnects
         if summary.frames + summary.unreadable:  # a source that never opened is one error line, not a summary
-            info = classifier.info
-            for line in summary.lines(source.name, f"{info['model']} {info['img_size']} px, {decision_rule(threshold)}", args.benchmark):
+            for line in summary.lines(source.name, model, args.benchmark):
                 print(line, file=report, flush=True)
         if collector is not None:
             collector.close()

@@ -1,4 +1,5 @@
-"""The picture a person sees: the frame with its tiles boxed (defective ones red and labelled), for --show and --save-defects."""
+"""The picture a person sees: the frame with its tiles boxed (defective ones red and labelled), for --show, --save-defects and
+--serve (which adds the region of interest and the verdict as a banner)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,6 +30,20 @@ def draw_overlay(frame: np.ndarray, boxes: list[Box], labels: list[str | None], 
             _label(image, label, box.x, box.y, RED)
     if fps is not None:
         _label(image, f"{fps:.1f} FPS", 0, 0, GREY)
+    return image
+
+
+def draw_verdict(frame: np.ndarray, boxes: list[Box], labels: list[str | None], roi: Box | None, banner: str,
+                 defect: bool) -> np.ndarray:
+    """draw_overlay's picture with the region of interest in grey and ``banner`` (the verdict, its score against the
+    threshold) in a red or green bar across the top, its text scaled to the frame's width."""
+    image = draw_overlay(frame, boxes, labels)
+    if roi is not None:
+        cv2.rectangle(image, (roi.x, roi.y), (roi.x + roi.w - 1, roi.y + roi.h - 1), GREY, 1)
+    scale = max(0.4, image.shape[1] / 1280)
+    (_, h), _ = cv2.getTextSize(banner, cv2.FONT_HERSHEY_SIMPLEX, scale, 2)
+    cv2.rectangle(image, (0, 0), (image.shape[1] - 1, h + 12), RED if defect else GREEN, cv2.FILLED)
+    cv2.putText(image, banner, (6, h + 6), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 2, cv2.LINE_AA)
     return image
 
 

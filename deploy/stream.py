@@ -1,6 +1,6 @@
 """Inspect a stream of frames: tiles classified in one batch, a verdict per frame, debounced alerts, JSON lines, summary.
 
-Torch-free with an ``EdgeClassifier``; stream.py is its command line.
+Torch-free with an ``EdgeClassifier``; stream.py is its command line (deploy.serve its view in a browser).
 """
 from __future__ import annotations
 
@@ -187,21 +187,34 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def alert_file(index: int) -> str:
+    """The file name of an alerted frame saved by --save-defects."""
+    return f"frame_{index:06d}.jpg"
+
+
 class Collecting(Protocol):
     """``deploy.collect.Collector`` (--collect): keeps the tiles worth labelling; a protocol, so stream needs no collect import."""
 
     def add(self, frame: Frame, verdict: Verdict, threshold: float | None) -> int: ...
 
 
+class Viewing(Protocol):
+    """``deploy.serve.LiveView`` (--serve): takes each frame's verdict without waiting for any viewer; a protocol, so
+    stream needs no serve import."""
+
+    def publish(self, frame: Frame, verdict: Verdict, line: str, summary: Summary, times: dict[str, float]) -> None: ...
+
+
 @dataclass
 class Outputs:
-    """Where results go: JSON lines (a stream or None), alerted frames, a window, collected tiles."""
+    """Where results go: JSON lines (a stream or None), alerted frames, a window, collected tiles, the browser view."""
 
     jsonl: IO[str] | None = None
     save_defects: Path | None = None
     show: bool = False
     status: IO[str] | None = None  # the status line every few seconds (None: not shown)
     collect: Collecting | None = None
+    view: Viewing | None = None
 
 
 def open_window() -> None:
@@ -279,12 +292,15 @@ def run(frames: Iterable[Frame], inspector: Inspector, settings: Settings, outpu
                 continue
             verdict.alert = debouncer.update(verdict.defect)
             summary.add(verdict, times)
+            line = json.dumps(verdict.to_json()) if outputs.jsonl is not None or outputs.view is not None else ""
             if outputs.jsonl is not None:
-                write_line(outputs.jsonl, json.dumps(verdict.to_json()))
+                write_line(outputs.jsonl, line)
             if verdict.alert and outputs.save_defects is not None:
-                save_frame(draw_overlay(frame.image, verdict.boxes, verdict.labels), outputs.save_defects / f"frame_{frame.index:06d}.jpg")
+                save_frame(draw_overlay(frame.image, verdict.boxes, verdict.labels), outputs.save_defects / alert_file(frame.index))
             if outputs.collect is not None:
                 outputs.collect.add(frame, verdict, settings.threshold)
+            if outputs.view is not None:  # after the alert's picture is saved: the gallery can show it at once
+                outputs.view.publish(frame, verdict, line, summary, times)
             if outputs.show:
                 cv2.imshow(WINDOW, draw_overlay(frame.image, verdict.boxes, verdict.labels, summary.fps))
                 if cv2.waitKey(1) & 0xFF in (ord("q"), 27):

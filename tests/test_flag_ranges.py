@@ -54,6 +54,8 @@ SCRIPTS: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]]]] = {
     "benchmarks/checkpoint_latency.py": (("missing-runs",), {"--img-size": ("0",), "--threads": ("0",), "--repeats": ("0",)}),
     "benchmarks/feedback_loop.py": (("--out", "missing"), {"--seeds": ("-1",), "--collect-max": ("0",), "--epochs": ("0",),
                                                           "--lr": ("0", "nan")}),
+    "benchmarks/serve_view.py": (("--onnx", "missing.onnx", "--out", "missing"),
+                                 {"--frames": ("0",), "--rounds": ("-1",), "--viewers": ("0",), "--rss-minutes": ("-1",)}),
     "benchmarks/onnx_int8.py": (("--checkpoint", "missing.pt"), {"--runs": ("0",), "--calibration-images": ("0",)}),
     "benchmarks/train_throughput.py": ((), {"--img-size": ("0",), "--batch-size": ("0",), "--augment": ("4",), "--batches": ("0",),
                                             "--workers": ("-1",), "--threads": ("0",)}),
