@@ -58,14 +58,14 @@ def main(args: argparse.Namespace) -> None:
     artifacts = find_artifacts(args.folder)
     if not artifacts:
         raise UserError(f"no artifact in '{args.folder}' that this machine can run (.onnx, .ncnn.param, or .xml with openvino)")
-    log.info("%d artifacts, %d held-out images, %d runs each at 1 and %d threads ...", len(artifacts), len(held_out.images),
+    log.info("%d artifacts, %d held-out images, %d runs each at 1 and %d threads, interleaved ...", len(artifacts), len(held_out.images),
              args.runs, all_threads())
-    rows = [measure(artifact, held_out, args.runs, args.warmup) for artifact in artifacts]
+    rows = measure(artifacts, held_out, args.runs, args.warmup)
     print_table(rows, COLUMNS)
     out = args.out or args.folder
     context = (f"{len(held_out.images)} held-out test images at {held_out.images.shape[1]} px; batch-1 latency over {args.runs} "
-               f"runs after {args.warmup} warm-up (ms_1t: 1 thread, ms_all: {all_threads()} threads); CPU {cpu_name()} "
-               f"({platform.machine()}), {all_threads()} logical cores; {versions()}; {dt.date.today().isoformat()}")
+               f"runs after {args.warmup} warm-up, interleaved in rounds (ms_1t: 1 thread, ms_all: {all_threads()} threads); "
+               f"CPU {cpu_name()} ({platform.machine()}), {all_threads()} logical cores; {versions()}; {dt.date.today().isoformat()}")
     write_reports(rows, out / "device.csv", out / "device.md", context)
     log.info("written to %s and device.md", out / "device.csv")
 

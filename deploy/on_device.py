@@ -9,6 +9,7 @@ predict.py does, and is judged at its own stored defect threshold.
 from __future__ import annotations
 
 import csv
+import functools
 import importlib
 import importlib.util
 import logging
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 DEVICE_SET = "device_test.npz"
 SCORING_BATCH = 32
+ROUNDS = 10  # the timed calls of every artifact are spread over this many rounds (time_interleaved)
 
 
 @dataclass(frozen=True)
@@ -103,15 +105,20 @@ def find_artifacts(folder: Path) -> list[Artifact]:
     return found
 
 
-def time_calls(call: Callable[[], object], runs: int, warmup: int) -> list[float]:
-    """Milliseconds per call after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) * 1000)
+def time_interleaved(calls: list[Callable[[], object]], runs: int, warmup: int) -> list[list[float]]:
+    """Milliseconds per call of each of ``calls``, ``runs`` each after ``warmup`` untimed ones, in ROUNDS rounds that
+    visit every call in turn: a machine that slows down meanwhile (another job, a Pi warming up and throttling) slows
+    every artifact alike instead of the ones measured last."""
+    for call in calls:
+        for _ in range(warmup):
+            call()
+    times: list[list[float]] = [[] for _ in calls]
+    for share in np.array_split(np.arange(runs), min(ROUNDS, runs)):
+        for call, measured in zip(calls, times):
+            for _ in share:
+                start = time.perf_counter()
+                call()
+                measured.append((time.perf_counter() - start) * 1000)
     return times
 
 
@@ -128,27 +135,34 @@ def scores(classifier: ExportedClassifier, held_out: DeviceSet) -> dict[str, flo
             "threshold": point.threshold if point else float("nan")}
 
 
-def measure(artifact: Artifact, held_out: DeviceSet, runs: int, warmup: int) -> dict:
-    """One table row: the artifact's size, its figures on the held-out set, and batch-1 latency (prepare excluded:
-    the same normalisation for every format) at 1 and at all threads."""
-    row = {"format": artifact.format, "file": artifact.path.name, "mb": round(artifact.size_bytes() / 2**20, 3),
-           "images": len(held_out.images)}
+def open_checked(artifact: Artifact, held_out: DeviceSet, threads: int) -> ExportedClassifier:
+    """The artifact's classifier at ``threads`` threads, refused (one line) if the held-out set is not for its classes/size."""
+    classifier = artifact.open(artifact.path, threads)
+    if classifier.info["class_names"] != held_out.class_names:
+        raise EdgeModelError(f"'{artifact.path}' classifies {classifier.info['class_names']}, the held-out set is labelled "
+                             f"{held_out.class_names}: benchmark the export folder the set was written to")
+    if classifier.info["img_size"] != held_out.images.shape[1]:
+        raise EdgeModelError(f"'{artifact.path}' takes {classifier.info['img_size']} px images, the held-out set holds "
+                             f"{held_out.images.shape[1]} px ones: benchmark the export folder the set was written to")
+    return classifier
+
+
+def measure(artifacts: list[Artifact], held_out: DeviceSet, runs: int, warmup: int) -> list[dict]:
+    """One table row per artifact: its size, batch-1 latency of the model call (the same numpy normalisation before it
+    for every format is left out) at 1 and at all threads, interleaved, and its figures on the held-out set."""
+    rows = [{"format": a.format, "file": a.path.name, "mb": round(a.size_bytes() / 2**20, 3), "images": len(held_out.images)}
+            for a in artifacts]
     for threads, suffix in ((1, "1t"), (all_threads(), "all")):
-        classifier = artifact.open(artifact.path, threads)
-        if classifier.info["class_names"] != held_out.class_names:
-            raise EdgeModelError(f"'{artifact.path}' classifies {classifier.info['class_names']}, the held-out set is labelled "
-                                 f"{held_out.class_names}: benchmark the export folder the set was written to")
-        if classifier.info["img_size"] != held_out.images.shape[1]:
-            raise EdgeModelError(f"'{artifact.path}' takes {classifier.info['img_size']} px images, the held-out set holds "
-                                 f"{held_out.images.shape[1]} px ones: benchmark the export folder the set was written to")
-        single = classifier.prepare(held_out.images[:1])
-        times = time_calls(lambda: classifier.infer(single), runs, warmup)  # noqa: B023 (called before the next loop)
-        median = statistics.median(times)
-        row |= {f"ms_{suffix}": round(median, 3), f"p90_ms_{suffix}": round(float(np.percentile(times, 90)), 3),
-                f"fps_{suffix}": round(1000 / median, 1)}
-    row |= {key: round(value, 6) for key, value in scores(classifier, held_out).items()}  # as results.csv rounds them
-    log.info("  %s: accuracy %.4f, %.3f ms at 1 thread", artifact.format, row["accuracy"], row["ms_1t"])
-    return row
+        classifiers = [open_checked(artifact, held_out, threads) for artifact in artifacts]
+        calls = [functools.partial(c.infer, c.prepare(held_out.images[:1])) for c in classifiers]
+        for row, times in zip(rows, time_interleaved(calls, runs, warmup)):
+            median = statistics.median(times)
+            row |= {f"ms_{suffix}": round(median, 3), f"p90_ms_{suffix}": round(float(np.percentile(times, 90)), 3),
+                    f"fps_{suffix}": round(1000 / median, 1)}
+    for row, classifier in zip(rows, classifiers):
+        row |= {key: round(value, 6) for key, value in scores(classifier, held_out).items()}  # as results.csv rounds them
+        log.info("  %s: accuracy %.4f, %.3f ms at 1 thread", row["format"], row["accuracy"], row["ms_1t"])
+    return rows
 
 
 COLUMNS = ("format", "file", "mb", "images", "accuracy", "defect_recall", "false_alarms", "threshold", "ms_1t", "p90_ms_1t",
