@@ -140,3 +140,16 @@ def test_damaged_ncnn_model_is_one_error_line(exported: dict, images: Path, tmp_
         assert run_script("predict.py", "--ncnn", path, images) == 2, name
         err = capfd.readouterr().err.strip().splitlines()  # file descriptor 2: ncnn's own C messages count too
         assert len(err) == 1 and err[0].startswith("error:") and message in err[0], (name, err)
+
+
+def test_device_benchmark_without_a_held_out_set_is_one_error_line(exported: dict, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    shutil.copy(exported["out"] / "model.onnx", tmp_path / "model.onnx")
+    assert run_script("benchmarks/device.py", tmp_path) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "device_test.npz' does not exist" in err[0] and "--device-images" in err[0]
+    (tmp_path / "device_test.npz").write_bytes(b"not an npz")
+    assert run_script("benchmarks/device.py", tmp_path) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a held-out set written by export.py" in err[0]
+    assert not (tmp_path / "device.csv").exists()
