@@ -126,10 +126,13 @@ def scores(classifier: ExportedClassifier, held_out: DeviceSet) -> dict[str, flo
     """Accuracy (argmax), and defect recall and false-alarm rate of the device's verdicts at the artifact's stored
     threshold (argmax verdicts for an artifact without one), on the held-out images."""
     probs = np.concatenate([classifier(held_out.images[i:i + SCORING_BATCH]) for i in range(0, len(held_out.images), SCORING_BATCH)])
+    accuracy = float((probs.argmax(axis=1) == held_out.labels).mean())
+    if classifier.normal is None:  # no Normal class: nothing is a defect verdict
+        return {"accuracy": accuracy, "defect_recall": float("nan"), "false_alarms": float("nan"), "threshold": float("nan")}
     point = classifier.operating_point
     flagged = flag_defects(probs, classifier.normal, point.threshold if point else None)[1]
     defective = held_out.labels != classifier.normal
-    return {"accuracy": float((probs.argmax(axis=1) == held_out.labels).mean()),
+    return {"accuracy": accuracy,
             "defect_recall": float(flagged[defective].mean()) if defective.any() else float("nan"),
             "false_alarms": float(flagged[~defective].mean()) if (~defective).any() else float("nan"),
             "threshold": point.threshold if point else float("nan")}
