@@ -1,12 +1,13 @@
-"""Export a checkpoint for edge CPUs: ONNX (FP32), ONNX Runtime static INT8, OpenVINO IR (FP32, NNCF INT8),
-TorchScript; benchmark every artifact.
+"""Export a checkpoint for edge CPUs: ONNX (FP32), ONNX Runtime static INT8, OpenVINO IR (FP32, NNCF INT8), NCNN
+(FP32), TorchScript; benchmark every artifact.
 
     python export.py --checkpoint runs/main/<run>/best.pt --int8 --openvino --torchscript --benchmark
 
 Every exported file is checked against PyTorch (max |logit difference| printed; gated for FP32), gets its own defect
 threshold chosen on the checkpoint's validation split through its runtime (--false-alarm-budget; INT8 shifts scores)
 stored in its metadata, is scored on the test split, and recorded in results.csv (method onnx-fp32 / onnx-int8 /
-openvino-fp32 / openvino-int8).
+openvino-fp32 / openvino-int8 / ncnn-fp32). Held-out test images go beside them (device_test.npz) for
+benchmarks/device.py, which times and scores the artifacts on the device itself.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import datetime as dt
 import functools
 import importlib.metadata
 import logging
-import platform
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +26,9 @@ from torch.utils.data import DataLoader
 
 from data.loading import DataBundle, make_loader
 from data.transforms import Preprocess
-from deploy.edge import all_threads
+from deploy.edge import all_threads, cpu_name
 from deploy.formats import ExportJob, Format, selected_formats
+from deploy.on_device import DEVICE_SET, save_device_set
 from deploy.onnx_export import check_parity
 from deploy.timing import benchmark, format_table, write_reports
 from engine.config import RunConfig, refuse, resolve
@@ -38,7 +39,7 @@ from models.factory import model_from_checkpoint
 from models.quantize import check_calibration
 from models.stats import model_stats, time_runs
 from utils.checkpoint import CheckpointError, check_zip_records, load_checkpoint
-from utils.cli import non_negative_float, positive_int, run_cli
+from utils.cli import non_negative_float, non_negative_int, positive_int, run_cli
 from utils.description import RunDescription
 from utils.distributed import Runtime
 from utils.errors import UserError
@@ -64,7 +65,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "TorchScript file goes to --torch-int8)")
     parser.add_argument("--out", metavar="FILE.onnx",
                         help="FP32 ONNX path; INT8 goes to <stem>.int8.onnx, OpenVINO to <stem>.xml/.bin and <stem>.int8.xml/.bin, "
-                             "TorchScript to <stem>.torchscript.pt (default: <output-dir>/export/<timestamp>_<model>/model.onnx)")
+                             "NCNN to <stem>.ncnn.param/.bin/.json, TorchScript to <stem>.torchscript.pt "
+                             "(default: <output-dir>/export/<timestamp>_<model>/model.onnx)")
     parser.add_argument("--int8", action="store_true",
                         help="also write an ONNX Runtime static INT8 model (QDQ, per-channel weights, calibrated on training images); "
                              "with --openvino also an OpenVINO INT8 model (NNCF post-training quantisation, same images)")
@@ -80,6 +82,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "(>= 0). The search costs validation passes: two for FP32/INT8, a ranking of every quantised "
                              "layer on --calibration-images of them, then one full pass per reverted group")
     parser.add_argument("--torchscript", action="store_true", help="also write a traced, frozen FP32 TorchScript model")
+    parser.add_argument("--ncnn", action="store_true",
+                        help="also write an NCNN model converted with pnnx: <stem>.ncnn.param/.bin (float32 weights, run "
+                             "in FP32) and <stem>.ncnn.json (deploy info); for predict.py/stream.py --ncnn")
+    parser.add_argument("--device-images", type=non_negative_int, default=300, metavar="N",
+                        help="test-split images (a seeded random subset; all if fewer) written with their labels to "
+                             f"{DEVICE_SET} beside the artifacts, for benchmarks/device.py; 0: none (default: %(default)s)")
     parser.add_argument("--benchmark", action="store_true",
                         help="time every artifact in this process on the same inputs: batch-1 median/p90 at 1 and all "
                              "threads, batch-32 throughput; writes benchmark.csv and benchmark.md beside the ONNX file")
@@ -90,16 +98,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_data_args(parser, omit=("augment",))
     add_run_args(parser, omit=("device", "amp"))  # every artifact is exported, scored and timed on the CPU
     return parser
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def latency_ms(module: torch.nn.Module, img_size: int) -> float:
@@ -150,10 +148,20 @@ def main(args: argparse.Namespace) -> None:
         artifacts[fmt.runtime] = functools.partial(fmt.load, job.path(fmt.suffix))
     if torch_int8 is not None:
         artifacts["pytorch-int8"] = torch_int8
+    if args.device_images:
+        write_device_set(bundle, args.device_images, args.seed, job.onnx_path.parent / DEVICE_SET)
     save_json(summary, run_dir / "summary.json")
     print_table(rows)
     if args.benchmark:
         benchmark_artifacts(artifacts, job, formats, args.runs, len(bundle.class_names))
+
+
+def write_device_set(bundle: DataBundle, count: int, seed: int, path: Path) -> None:
+    """A seeded subset of the test split with its labels, for benchmarks/device.py on the device itself."""
+    test = bundle.parts["test"]
+    chosen = np.sort(np.random.default_rng(seed).permutation(len(test.images))[:count])
+    save_device_set(path, test.images[chosen], test.labels[chosen], bundle.class_names)
+    log.info("held-out set for benchmarks/device.py: %d test images in %s", len(chosen), path)
 
 
 SUMMARY_KEYS = ("checkpoint", "test_acc", "file_mb", "threshold", "op_defect_recall", "op_false_alarm_rate")

@@ -1,7 +1,8 @@
-"""Classify sewing-stitch images with a trained checkpoint or an exported ONNX or OpenVINO model.
+"""Classify sewing-stitch images with a trained checkpoint or an exported ONNX, OpenVINO or NCNN model.
 
     python predict.py --onnx model.onnx photos/ line3/frame_0012.png
     python predict.py --openvino model.xml photos/
+    python predict.py --ncnn model.ncnn.param photos/
     python predict.py --checkpoint runs/main/<run>/best.pt photos/ --json > predictions.json
 
 Folders are searched recursively for .jpg/.jpeg/.png/.bmp/.tif/.tiff/.webp files; any size or mode is
@@ -52,7 +53,7 @@ def write_csv(predictions: list[Prediction], path: str, top_k: int) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    classifier = open_classifier(args.checkpoint, args.onnx, args.openvino, args.threads)
+    classifier = open_classifier(args.checkpoint, args.onnx, args.openvino, args.ncnn, args.threads)
     info = classifier.info
     threshold = decision_threshold(classifier, args.threshold)
     files = find_images(args.paths)

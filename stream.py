@@ -5,7 +5,7 @@
     python stream.py --onnx model.onnx --source line3.mp4 --benchmark               # how fast is this machine?
     python stream.py --onnx model.onnx --source picamera --save-defects alerts/ --serve 0.0.0.0:8080   # view it in a browser
 
-With --onnx (or --openvino) it needs neither PyTorch nor timm (requirements-edge.txt). Every frame gets one JSON line (time,
+With --onnx (or --openvino, --ncnn) it needs neither PyTorch nor timm (requirements-edge.txt). Every frame gets one JSON line (time,
 frame index, verdict, class, confidence, defect score, tile); a tile is defective when its defect score 1 - P(Normal) reaches
 the threshold stored in the model (--threshold overrides it); an alert fires after --consecutive defective frames in a row.
 """
@@ -94,7 +94,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     collect.add_argument("--collect-max", type=positive_int, default=DEFAULT_MAX, metavar="N",
                          help="stop collecting (with one warning) after N files in a run, so the disk never fills; the "
                               "inspection goes on (default: %(default)s)")
-    parser.add_argument("--threads", type=positive_int, default=1, help="ONNX Runtime / OpenVINO / PyTorch threads (default: %(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=1,
+                        help="ONNX Runtime / OpenVINO / NCNN / PyTorch threads (default: %(default)s)")
     return parser
 
 
@@ -102,7 +103,7 @@ def main(args: argparse.Namespace) -> None:
     stop = StopRequest()
     for signum in (signal.SIGTERM, signal.SIGHUP):  # systemd's stop, a closed SSH session: end like Ctrl-C, summary included
         signal.signal(signum, stop)
-    classifier = open_classifier(args.checkpoint, args.onnx, args.openvino, args.threads)
+    classifier = open_classifier(args.checkpoint, args.onnx, args.openvino, args.ncnn, args.threads)
     threshold = decision_threshold(classifier, args.threshold)
     if args.stride is not None and args.tile is None:
         raise UserError(f"--stride {args.stride} is the step between tiles: give --tile too")

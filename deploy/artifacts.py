@@ -1,7 +1,8 @@
-"""The model a deployment script runs: a checkpoint (PyTorch), an ONNX file or an OpenVINO IR, behind one interface.
+"""The model a deployment script runs: a checkpoint (PyTorch), an ONNX file, an OpenVINO IR or an NCNN model, behind one
+interface.
 
-The PyTorch and OpenVINO classifiers are imported only when chosen, so that predict.py and stream.py with an
-ONNX model import neither torch nor OpenVINO (tests/test_edge.py runs them where ``import torch`` fails).
+The PyTorch, OpenVINO and NCNN classifiers are imported only when chosen, so that predict.py and stream.py with an
+ONNX model import neither torch, OpenVINO nor ncnn (tests/test_edge.py runs them where ``import torch`` fails).
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="model.onnx or model.int8.onnx from export.py (ONNX Runtime; needs neither the checkpoint nor torch)")
     model.add_argument("--openvino", metavar="FILE.xml",
                        help="model.xml or model.int8.xml from export.py --openvino (OpenVINO; its .bin beside it; needs "
+                            "neither the checkpoint nor torch)")
+    model.add_argument("--ncnn", metavar="FILE.param",
+                       help="model.ncnn.param from export.py --ncnn (NCNN, FP32; its .bin and .json beside it; needs "
                             "neither the checkpoint nor torch)")
 
 
@@ -56,14 +60,19 @@ def decision_rule(threshold: float | None) -> str:
     return "argmax verdicts" if threshold is None else f"defect score >= {threshold:.4f}"
 
 
-def open_classifier(checkpoint: str | None, onnx: str | None, openvino: str | None, threads: int) -> ExportedClassifier | TorchClassifier:
-    """The classifier of whichever of the three files was given."""
+def open_classifier(checkpoint: str | None, onnx: str | None, openvino: str | None, ncnn: str | None,
+                    threads: int) -> ExportedClassifier | TorchClassifier:
+    """The classifier of whichever of the four files was given."""
     if onnx:
         return EdgeClassifier(onnx, threads)
     if openvino:
         from deploy.openvino_runtime import OpenVinoClassifier  # only on this path: the others need no OpenVINO
 
         return OpenVinoClassifier(openvino, threads)
+    if ncnn:
+        from deploy.ncnn_runtime import NcnnClassifier  # only on this path: the others need no ncnn
+
+        return NcnnClassifier(ncnn, threads)
     from deploy.classify import TorchClassifier  # only on this path: the exported ones never import torch
 
     return TorchClassifier.from_checkpoint(checkpoint, threads)

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,6 +37,17 @@ class EdgeModelError(UserError):
 
 def all_threads() -> int:
     return os.cpu_count() or 1
+
+
+def cpu_name() -> str:
+    """The CPU's model name, for the context line of a benchmark table."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def resize_like_evaluation(rgb: np.ndarray, size: int) -> np.ndarray:

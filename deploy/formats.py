@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from deploy.inference import OnnxModule, save_torchscript_artifact, trace_torchscript
+from deploy.ncnn_export import NcnnModule, export_ncnn, ncnn_bytes, stamp_operating_point_ncnn
 from deploy.onnx_export import deploy_info, export_onnx, quantize_onnx, stamp_operating_point
 from utils.description import RunDescription
 from utils.operating_point import OperatingPoint
@@ -87,6 +88,11 @@ def stamp_torchscript(path: Path, point: OperatingPoint | None) -> None:
     save_torchscript_artifact(scripted, info, path, point)
 
 
+def write_ncnn(job: ExportJob, path: Path) -> dict:
+    export_ncnn(job.model, deploy_info(job.description), path)
+    return {}
+
+
 def write_openvino(job: ExportJob, path: Path) -> dict:
     _openvino().export_openvino(job.onnx_path, path)
     return {}
@@ -125,6 +131,8 @@ FORMATS = (
            load_torchscript, stamp_torchscript),
     Format("onnx-int8", "onnxruntime-int8", ".int8.onnx", ("int8",), "onnxruntime", write_onnx_int8, OnnxModule,
            stamp_operating_point, gated=False),
+    Format("ncnn-fp32", "ncnn-fp32", ".ncnn.param", ("ncnn",), "ncnn", write_ncnn, NcnnModule, stamp_operating_point_ncnn,
+           size_of=ncnn_bytes),
     Format("openvino-fp32", "openvino-fp32", ".xml", ("openvino",), "openvino", write_openvino, load_openvino,
            stamp_openvino, size_of=ir_bytes),
     Format("openvino-int8", "openvino-int8", ".int8.xml", ("openvino", "int8"), "openvino", write_openvino_int8,

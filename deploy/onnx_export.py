@@ -26,7 +26,10 @@ from utils.operating_point import OperatingPoint
 OPSET = 18  # the dynamo exporter's own opset: asking for 17 triggers a lossy down-conversion
 log = logging.getLogger(__name__)
 
-PARITY_TOLERANCE = 1e-4  # max |logit difference| allowed between PyTorch and ONNX Runtime FP32
+PARITY_TOLERANCE = 1e-4  # max |logit difference| allowed between PyTorch and an FP32 artifact, or where logits are
+PARITY_RELATIVE = 1e-5  # large, this share of the largest |logit|: float32 rounding grows with the values (random inputs
+# gave logits of ~100 and differences of 6e-5 in ONNX Runtime, 1.5e-4 in NCNN); ncnn's default fp16 storage erred by
+# 3e-4 of the largest |logit| (1.2e-3 on real images), so the bound still catches a half-precision artifact
 DEPLOY_KEYS = ("model", "family", "alpha", "method", "num_classes", "class_names", "img_size", "mean", "std", "dataset",
                "operating_point")
 
@@ -75,21 +78,27 @@ def export_onnx(model: torch.nn.Module, description: RunDescription, path: Path)
     _save_with_info(program.model_proto, deploy_info(description), path)
 
 
-def max_logit_difference(reference: torch.nn.Module, candidate: torch.nn.Module, inputs: torch.Tensor) -> float:
-    with torch.inference_mode():
-        return float((reference(inputs) - candidate(inputs)).abs().max())
+def parity_bound(reference_logits: torch.Tensor) -> float:
+    """The largest |logit difference| an FP32 artifact may show against these PyTorch logits."""
+    return max(PARITY_TOLERANCE, PARITY_RELATIVE * float(reference_logits.abs().max()))
 
 
 def check_parity(name: str, reference: torch.nn.Module, candidate: torch.nn.Module, inputs: dict[str, torch.Tensor],
                  gated: bool = True) -> dict[str, float]:
-    """Print the max |logit difference| per input set; raise ExportError above PARITY_TOLERANCE if ``gated``
+    """Print the max |logit difference| per input set; raise ExportError above ``parity_bound`` if ``gated``
     (an INT8 artifact differs by design: its difference is reported, not gated)."""
-    differences = {label: max_logit_difference(reference, candidate, x) for label, x in inputs.items()}
+    differences, bounds = {}, {}
+    with torch.inference_mode():
+        for label, x in inputs.items():
+            expected = reference(x)
+            differences[label], bounds[label] = float((expected - candidate(x)).abs().max()), parity_bound(expected)
     shown = ", ".join(f"{label} {value:.2e}" for label, value in differences.items())
-    log.info("%s vs PyTorch: max |logit diff| %s (%s)", name, shown, f"tolerance {PARITY_TOLERANCE:g}" if gated else "reported, not gated")
-    if gated and max(differences.values()) > PARITY_TOLERANCE:
-        raise ExportError(f"{name} differs from PyTorch by {max(differences.values()):.2e} > {PARITY_TOLERANCE:g}: "
-                          "the export is not faithful; report the model name")
+    tolerance = ", ".join(f"{label} {bound:.2g}" for label, bound in bounds.items())
+    log.info("%s vs PyTorch: max |logit diff| %s (%s)", name, shown, f"tolerance {tolerance}" if gated else "reported, not gated")
+    failed = [label for label in inputs if differences[label] > bounds[label]]
+    if gated and failed:
+        raise ExportError(f"{name} differs from PyTorch by {differences[failed[0]]:.2e} > {bounds[failed[0]]:.2g} on {failed[0]} "
+                          "images: the export is not faithful; report the model name")
     return differences
 
 
