@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -136,6 +137,7 @@ class _Entry:
         tmp = data.with_suffix(".tmp")
         row_bytes = int(np.prod(self.row_shape))
         kept, skipped = [], []
+        start = time.perf_counter()
         try:
             with open(tmp, "wb") as handle:
                 if rel_paths:  # claim the space now: a full disk fails here, not half-way (or as SIGBUS on a map)
@@ -158,7 +160,8 @@ class _Entry:
         for old in self.folder.glob(f"{self.key}.*.u8"):  # processes still mapping an old file keep reading it
             if old != data:
                 old.unlink(missing_ok=True)
-        log.debug("decoded %d images of '%s' at %d px into %s", len(kept), self.root, self.size, data)
+        log.info("decoded %d images of '%s' at %d px in %.1f s into %s (reused by later runs)", len(kept), self.root,
+                 self.size, time.perf_counter() - start, data)
         if not kept:
             return np.zeros((0, *self.row_shape), np.uint8), kept
         return np.memmap(data, np.uint8, "r", shape=(len(kept), *self.row_shape)), kept

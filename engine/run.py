@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import random
 import warnings
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from data.cache import cache_root
 from data.loading import DataBundle, load_data, make_loader
 from data.stitchingnet import FABRICS
 from data.synthetic import MIN_IMG_SIZE, ensure_synthetic
@@ -34,10 +34,6 @@ DEFAULT_IMG_SIZE = 224
 SYNTHETIC_SEED = 0  # the synthetic set is one fixed dataset; --seed varies split and training only
 
 log = logging.getLogger(__name__)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stitchdefect"
 
 
 def resolve_data_source(config: RunConfig, stored: RunDescription | None = None) -> tuple[SyntheticSource | None, str | None]:
