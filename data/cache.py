@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import mmap
 import os
 import time
 import uuid
@@ -27,6 +28,7 @@ from utils.io import WriteError, atomic_open
 
 DECODER_VERSION = 1  # bump when data.images.read_image's pixels change: older caches are then decoded again
 CACHE_ENV = "XDG_CACHE_HOME"
+RELEASE_BYTES = 64 * 2**20  # mapped pages a process holds before handing them back
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ def cache_root() -> Path:
 
 
 def cached_images(root: Path, rel_paths: list[str], size: int, progress: bool = True,
-                  cache_dir: Path | None = None) -> tuple[np.ndarray, list[str]]:
+                  cache_dir: Path | None = None) -> tuple[MappedImages | np.ndarray, list[str]]:
     """``rel_paths`` under ``root`` decoded at ``size``: a read-only memory map of the cache and the paths kept.
 
     Same contract as ``data.images.load_images`` (unreadable files are dropped); a cache folder that cannot be
@@ -69,6 +71,46 @@ def cached_images(root: Path, rel_paths: list[str], size: int, progress: bool = 
         return load_images(Path(root), rel_paths, size, progress)
 
 
+class MappedImages:
+    """A read-only memory map of a cache file, indexed like an (N, size, size, 3) uint8 array.
+
+    Rows are read where they are asked for (no copy of a split). Every ``RELEASE_BYTES`` read, the process hands the
+    mapped pages back (``MADV_DONTNEED``): they stay in the page cache, shared by every process, and the next read of
+    them is a minor fault, so a process's resident memory stays flat however large the data. Pickled (a spawned
+    DataLoader worker), it travels as its file name and is mapped again.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, ...]) -> None:
+        self.path, self.shape = Path(path), tuple(shape)
+        with open(self.path, "rb") as handle:
+            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        self.array = np.frombuffer(self._map, np.uint8, count=int(np.prod(self.shape))).reshape(self.shape)
+        self._read = 0
+
+    dtype = np.dtype(np.uint8)
+
+    @property
+    def nbytes(self) -> int:
+        return self.array.nbytes
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        image = self.array[index]
+        self._read += image.nbytes
+        if self._read >= RELEASE_BYTES:
+            self._map.madvise(mmap.MADV_DONTNEED)  # a read-only file map: the pages are read again, never lost
+            self._read = 0
+        return image
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        return self.array if dtype is None else self.array.astype(dtype)
+
+    def __reduce__(self) -> tuple:
+        return MappedImages, (self.path, self.shape)
+
+
 def _listing(root: Path, rel_paths: list[str]) -> str:
     """Digest of the file list with each file's size and modification time: any change, addition or removal changes it."""
     digest = hashlib.sha256()
@@ -94,7 +136,7 @@ class _Entry:
     def row_shape(self) -> tuple[int, int, int]:
         return self.size, self.size, 3
 
-    def open(self, listing: str) -> tuple[tuple[np.ndarray, list[str]] | None, str | None]:
+    def open(self, listing: str) -> tuple[tuple[MappedImages | np.ndarray, list[str]] | None, str | None]:
         """(the mapped array and paths kept, None) if the cache matches ``listing``; else (None, what is wrong or None if absent)."""
         try:
             meta = json.loads(self.meta.read_text())
@@ -118,7 +160,7 @@ class _Entry:
                         meta["skipped"][0])
         if not kept:
             return (np.zeros((0, *self.row_shape), np.uint8), kept), None
-        return (np.memmap(data, np.uint8, "r", shape=(len(kept), *self.row_shape)), kept), None
+        return (MappedImages(data, (len(kept), *self.row_shape)), kept), None
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -131,7 +173,7 @@ class _Entry:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def build(self, rel_paths: list[str], listing: str, progress: bool) -> tuple[np.ndarray, list[str]]:
+    def build(self, rel_paths: list[str], listing: str, progress: bool) -> tuple[MappedImages | np.ndarray, list[str]]:
         """Decode into a new pixel file, then switch the description to it (under the lock)."""
         data = self.folder / f"{self.key}.{uuid.uuid4().hex[:8]}.u8"
         tmp = data.with_suffix(".tmp")
@@ -164,4 +206,4 @@ class _Entry:
                  self.size, time.perf_counter() - start, data)
         if not kept:
             return np.zeros((0, *self.row_shape), np.uint8), kept
-        return np.memmap(data, np.uint8, "r", shape=(len(kept), *self.row_shape)), kept
+        return MappedImages(data, (len(kept), *self.row_shape)), kept

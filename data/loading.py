@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from data.cache import cached_images
+from data.cache import MappedImages, cached_images
 from data.images import load_images
 from data.scan import DatasetError, ScannedDataset, scan_dataset
 from data.splits import make_split, select_fabrics
@@ -27,14 +27,14 @@ class ImageRows:
     """Rows of one or more image arrays (e.g. the decoded cache's memory map), picked without copying them.
 
     Indexing with an int gives one image; a slice or an index array gives another ``ImageRows``; ``np.asarray``
-    copies. Pickled (spawned DataLoader workers), a memory map travels as its file name and is mapped again.
+    copies.
     """
 
-    def __init__(self, arrays: tuple[np.ndarray, ...], where: np.ndarray) -> None:
+    def __init__(self, arrays: tuple[MappedImages | np.ndarray, ...], where: np.ndarray) -> None:
         self.arrays, self.where = arrays, where  # where: (N, 2) int64 of (array, row)
 
     @classmethod
-    def of(cls, images: np.ndarray, rows: np.ndarray | list[int] | None = None) -> ImageRows:
+    def of(cls, images: MappedImages | np.ndarray, rows: np.ndarray | list[int] | None = None) -> ImageRows:
         rows = np.arange(len(images)) if rows is None else np.asarray(rows, np.int64)
         return cls((images,), np.stack([np.zeros_like(rows), rows], axis=1))
 
@@ -59,15 +59,6 @@ class ImageRows:
 
     def join(self, other: ImageRows) -> ImageRows:
         return ImageRows(self.arrays + other.arrays, np.concatenate([self.where, other.where + [len(self.arrays), 0]]))
-
-    def __getstate__(self) -> dict:
-        return {"where": self.where, "arrays": [(a.filename, a.offset, a.shape) if isinstance(a, np.memmap) else a
-                                                for a in self.arrays]}
-
-    def __setstate__(self, state: dict) -> None:
-        self.where = state["where"]
-        self.arrays = tuple(np.memmap(a[0], np.uint8, "r", offset=a[1], shape=a[2]) if isinstance(a, tuple) else a
-                            for a in state["arrays"])
 
 
 class CachedImages(Dataset):
@@ -150,7 +141,7 @@ def load_data(
                 "point --data-root at the data the checkpoint was trained on"
             )
     log.debug("%s: %d images decoded at %d px (%.0f MiB, %s)", root, len(decoded), img_size, images.nbytes / 2**20,
-              "memory-mapped" if isinstance(images, np.memmap) else "in RAM")
+              "memory-mapped" if isinstance(images, MappedImages) else "in RAM")
     extra = None
     if added_scans:
         extra, listing = decode_added(added_scans, img_size, progress, stored_added)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import numpy as np
 import logging
 import os
 import pickle
@@ -16,8 +17,9 @@ import pytest
 import torch
 from conftest import ROOT, make_nested_dataset, write_image
 
+import data.cache
 import data.images
-from data.cache import DecodedCacheWarning, cached_images
+from data.cache import DecodedCacheWarning, MappedImages, cached_images
 from data.images import load_images
 from data.loading import load_data, make_loader
 from data.transforms import Preprocess
@@ -57,7 +59,7 @@ def test_second_load_maps_the_cache_without_decoding(source, tmp_path, decodes):
     assert len(decodes) == len(paths) and kept == paths
     again, kept_again = cached_images(root, paths, SIZE, progress=False, cache_dir=tmp_path / "cache")
     assert len(decodes) == len(paths)  # nothing decoded the second time
-    assert isinstance(again, np.memmap) and not again.flags.writeable and kept_again == paths
+    assert isinstance(again, MappedImages) and not np.asarray(again).flags.writeable and kept_again == paths
     assert digest(again) == digest(first) == digest(expected)
 
 
@@ -94,6 +96,7 @@ def test_a_truncated_cache_is_rebuilt_with_one_warning(source, tmp_path, caplog)
 BUILD = """
 import sys
 from pathlib import Path
+import data.cache
 import data.images
 from data.cache import cached_images
 calls = []
@@ -103,7 +106,8 @@ root = Path(sys.argv[1])
 paths = sorted(str(p.relative_to(root)) for p in root.rglob("*.jpg"))
 images, kept = cached_images(root, paths, 32, progress=False, cache_dir=Path(sys.argv[2]))
 import hashlib
-print(len(calls), hashlib.sha256(images.tobytes()).hexdigest())
+import numpy as np
+print(len(calls), hashlib.sha256(np.asarray(images).tobytes()).hexdigest())
 """
 
 
@@ -125,7 +129,7 @@ def test_an_unwritable_cache_folder_falls_back_to_ram_with_one_warning(source, t
     (tmp_path / "not-a-folder").write_text("")  # mkdir below a file fails, for root too (unlike a read-only mode)
     with pytest.warns(DecodedCacheWarning, match="cannot write the decoded cache") as caught:
         images, kept = cached_images(root, paths, SIZE, progress=False, cache_dir=tmp_path / "not-a-folder" / "cache")
-    assert len(caught) == 1 and not isinstance(images, np.memmap) and kept == paths
+    assert len(caught) == 1 and not isinstance(images, MappedImages) and kept == paths
     assert digest(images) == digest(load_images(root, paths, SIZE, progress=False)[0])
 
 
@@ -138,18 +142,25 @@ def test_a_full_disk_falls_back_to_ram_and_leaves_no_partial_file(source, tmp_pa
     monkeypatch.setattr(os, "posix_fallocate", full)
     with pytest.warns(DecodedCacheWarning, match="No space left"):
         images, _ = cached_images(root, paths, SIZE, progress=False, cache_dir=tmp_path / "cache")
-    assert len(images) == len(paths) and not isinstance(images, np.memmap)
+    assert len(images) == len(paths) and not isinstance(images, MappedImages)
     assert not [p for p in (tmp_path / "cache").iterdir() if p.suffix in (".u8", ".tmp", ".json")]
+
+
+def test_pages_read_are_handed_back_and_read_again_unchanged(source, tmp_path, monkeypatch):
+    root, paths = source
+    images, _ = cached_images(root, paths, SIZE, progress=False, cache_dir=tmp_path / "cache")
+    monkeypatch.setattr(data.cache, "RELEASE_BYTES", 1)  # release after every read
+    assert digest([images[i] for i in range(len(images))] * 2) == digest(np.concatenate([np.asarray(images)] * 2))
 
 
 def test_splits_and_loader_workers_read_the_one_mapped_array(tiny_dataset):
     bundle = load_data(tiny_dataset, SIZE, seed=0, progress=False)
-    arrays = {part.images.arrays[0].filename for part in bundle.parts.values()}
-    assert len(arrays) == 1 and all(isinstance(part.images.arrays[0], np.memmap) for part in bundle.parts.values())
+    arrays = {id(part.images.arrays[0]) for part in bundle.parts.values()}
+    assert len(arrays) == 1 and isinstance(bundle.parts["test"].images.arrays[0], MappedImages)
     test = bundle.parts["test"]
     shipped = pickle.dumps(test)  # what a spawned worker receives: the file name, not the pixels
     assert len(shipped) < np.asarray(test.images).nbytes
-    assert pickle.loads(shipped).images.arrays[0].filename == test.images.arrays[0].filename
+    assert pickle.loads(shipped).images.arrays[0].path == test.images.arrays[0].path
     preprocess = Preprocess([0.5] * 3, [0.25] * 3)
     expected = torch.stack([preprocess(image) for image in test.images])
     loader = make_loader(test, preprocess, batch_size=8, workers=2, train=False, seed=0)
