@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import numpy as np
 import logging
 import os
 import pickle
