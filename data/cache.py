@@ -160,7 +160,10 @@ class _Entry:
                         meta["skipped"][0])
         if not kept:
             return (np.zeros((0, *self.row_shape), np.uint8), kept), None
-        return (MappedImages(data, (len(kept), *self.row_shape)), kept), None
+        try:
+            return (MappedImages(data, (len(kept), *self.row_shape)), kept), None
+        except OSError:  # replaced by a concurrent rebuild since the description was read
+            return None, "lost its pixel file"
 
     @contextmanager
     def locked(self) -> Iterator[None]:
