@@ -178,6 +178,8 @@ class _Entry:
 
     def build(self, rel_paths: list[str], listing: str, progress: bool) -> tuple[MappedImages | np.ndarray, list[str]]:
         """Decode into a new pixel file, then switch the description to it (under the lock)."""
+        for orphan in self.folder.glob(f"{self.key}.*.tmp"):  # left by a builder that was killed (the lock is ours)
+            orphan.unlink(missing_ok=True)
         data = self.folder / f"{self.key}.{uuid.uuid4().hex[:8]}.u8"
         tmp = data.with_suffix(".tmp")
         row_bytes = int(np.prod(self.row_shape))
