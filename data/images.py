@@ -1,8 +1,9 @@
-"""Decode and resize images once into one in-RAM array, dropping unreadable files."""
+"""Decode and resize images (any mode Pillow opens -> RGB uint8), dropping unreadable files."""
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -58,22 +59,19 @@ def _try_read(path: Path, size: int) -> np.ndarray | None:
         return None
 
 
-def load_images(root: Path, rel_paths: list[str], size: int, progress: bool = True) -> tuple[np.ndarray, list[str]]:
-    """Decode ``rel_paths`` into an (N, size, size, 3) uint8 array; returns it and the paths kept.
+def decode_images(root: Path, rel_paths: list[str], size: int, progress: bool = True) -> Iterator[np.ndarray | None]:
+    """Each of ``rel_paths`` decoded at ``size`` in order (None for an unreadable file, with one warning).
 
-    Decoding runs in threads (Pillow releases the GIL), and one contiguous array is
-    shared copy-on-write with forked DataLoader workers.
+    Decoding runs in threads (Pillow releases the GIL); the caller decides where the pixels go.
     """
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        decoded = list(
-            progress_bar(
-                pool.map(lambda rel: _try_read(root / rel, size), rel_paths),
-                total=len(rel_paths),
-                desc="decode",
-                disable=not progress,
-                leave=False,
-            )
-        )
+        yield from progress_bar(pool.map(lambda rel: _try_read(root / rel, size), rel_paths), total=len(rel_paths),
+                                desc="decode", disable=not progress, leave=False)
+
+
+def load_images(root: Path, rel_paths: list[str], size: int, progress: bool = True) -> tuple[np.ndarray, list[str]]:
+    """Decode ``rel_paths`` into an in-RAM (N, size, size, 3) uint8 array; returns it and the paths kept."""
+    decoded = list(decode_images(root, rel_paths, size, progress))
     kept = [rel for rel, image in zip(rel_paths, decoded) if image is not None]
     images = np.stack([image for image in decoded if image is not None]) if kept else np.zeros((0, size, size, 3), np.uint8)
     return images, kept

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from data.cache import MappedImages, cached_images
 from data.images import load_images
 from data.scan import DatasetError, ScannedDataset, scan_dataset
 from data.splits import make_split, select_fabrics
@@ -21,11 +23,53 @@ SPLITS = ("train", "val", "test")
 log = logging.getLogger(__name__)
 
 
-class CachedImages(Dataset):
-    """Decoded images in RAM with their labels; ``transform`` runs per item."""
+class ImageRows:
+    """Rows of one or more image arrays (e.g. the decoded cache's memory map), picked without copying them.
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, paths: list[str], transform: Preprocess | None = None):
-        self.images, self.labels, self.paths, self.transform = images, labels, paths, transform
+    Indexing with an int gives one image; a slice or an index array gives another ``ImageRows``; ``np.asarray``
+    copies.
+    """
+
+    def __init__(self, arrays: tuple[MappedImages | np.ndarray, ...], where: np.ndarray) -> None:
+        self.arrays, self.where = arrays, where  # where: (N, 2) int64 of (array, row)
+
+    @classmethod
+    def of(cls, images: MappedImages | np.ndarray, rows: np.ndarray | list[int] | None = None) -> ImageRows:
+        rows = np.arange(len(images)) if rows is None else np.asarray(rows, np.int64)
+        return cls((images,), np.stack([np.zeros_like(rows), rows], axis=1))
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def __getitem__(self, index: int | slice | np.ndarray) -> np.ndarray | ImageRows:
+        if isinstance(index, (int, np.integer)):
+            array, row = self.where[index]
+            return self.arrays[array][row]
+        return ImageRows(self.arrays, self.where[index])
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[i] for i in range(len(self)))
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        shape = self.arrays[0].shape[1:]
+        out = np.empty((len(self), *shape), dtype or self.arrays[0].dtype)
+        for i, image in enumerate(self):
+            out[i] = image
+        return out
+
+    def join(self, other: ImageRows) -> ImageRows:
+        return ImageRows(self.arrays + other.arrays, np.concatenate([self.where, other.where + [len(self.arrays), 0]]))
+
+
+class CachedImages(Dataset):
+    """Decoded images with their labels; ``transform`` runs per item, rows are read when asked for.
+
+    ``images``: an array (all of it) or ``ImageRows`` (the split's rows of the shared decoded cache).
+    """
+
+    def __init__(self, images: np.ndarray | ImageRows, labels: np.ndarray, paths: list[str], transform: Preprocess | None = None):
+        self.images = images if isinstance(images, ImageRows) else ImageRows.of(images)
+        self.labels, self.paths, self.transform = labels, paths, transform
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -84,37 +128,35 @@ def load_data(
     folders = list(stored_added or {}) if split is not None else added or []  # a given split brings its own
     added_scans = scan_added(folders, scanned.root, scanned.class_names)  # before decoding: a wrong folder fails at once
     by_path = {s.path: s for s in scanned.samples}
+    # the whole data root is decoded (once, into the shared cache): every subset and split of it reads the same rows
+    images, decoded = cached_images(scanned.root, list(by_path), img_size, progress)
     if split is None:
-        chosen = select_fabrics(scanned.samples, fabrics) if fabrics else scanned.samples  # decode only these
-        images, kept = load_images(scanned.root, [s.path for s in chosen], img_size, progress)
-        split = make_split([by_path[p] for p in kept], seed, test_fabrics=test_fabrics, fabrics=fabrics)
+        chosen = {s.path for s in select_fabrics(scanned.samples, fabrics)} if fabrics else by_path
+        split = make_split([by_path[p] for p in decoded if p in chosen], seed, test_fabrics=test_fabrics, fabrics=fabrics)
     else:
-        wanted = [p for name in SPLITS for p in split[name]]
-        missing = [p for p in wanted if p not in by_path]
+        missing = [p for name in SPLITS for p in split[name] if p not in by_path]
         if missing:
             raise DatasetError(
                 f"{len(missing)} images of the stored split are not under '{root}' (first: {missing[0]}): "
                 "point --data-root at the data the checkpoint was trained on"
             )
-        images, kept = load_images(scanned.root, wanted, img_size, progress)
-    log.debug("%s: %d images decoded at %d px (%s split, %.0f MiB in RAM)", root, len(kept), img_size,
-              "new" if split is None else "stored", images.nbytes / 2**20)
+    log.debug("%s: %d images decoded at %d px (%.0f MiB, %s)", root, len(decoded), img_size, images.nbytes / 2**20,
+              "memory-mapped" if isinstance(images, MappedImages) else "in RAM")
     extra = None
     if added_scans:
         extra, listing = decode_added(added_scans, img_size, progress, stored_added)
         split = {**split, "added": listing}
-    row_of = {p: i for i, p in enumerate(kept)}
+    row_of = {p: i for i, p in enumerate(decoded)}
     parts = {}
     for name in SPLITS:
         paths = [p for p in split[name] if p in row_of]
         if not paths or name == "train" and len(paths) < 2:
             raise DatasetError(f"the {name} split has {len(paths)} images: add images or change the split shares")
-        rows = [row_of[p] for p in paths]
+        rows = ImageRows.of(images, [row_of[p] for p in paths])
         labels = np.array([by_path[p].label for p in paths], dtype=np.int64)
         if name == "train" and extra is not None:
-            parts[name] = join_added(images, rows, labels, paths, extra)
-        else:
-            parts[name] = CachedImages(images[rows], labels, paths)
+            rows, labels, paths = rows.join(extra.images), np.concatenate([labels, extra.labels]), paths + extra.paths
+        parts[name] = CachedImages(rows, labels, paths)
     if split.get("fabrics"):  # splits from before --fabrics have no such key
         dataset = f"{dataset}-fabrics-{''.join(split['fabrics'])}"
     if extra is not None:
@@ -159,14 +201,6 @@ def decode_added(scans: list[ScannedDataset], img_size: int, progress: bool,
         listing[folder] = kept
     log.info("%d images added to the training split from %s", len(paths), ", ".join(listing))
     return CachedImages(np.concatenate(images), np.concatenate(labels), paths), listing
-
-
-def join_added(images: np.ndarray, rows: list[int], labels: np.ndarray, paths: list[str], added: CachedImages) -> CachedImages:
-    """The training split and the added images, filled into one array (no second copy of the training images)."""
-    joined = np.empty((len(rows) + len(added), *images.shape[1:]), images.dtype)
-    np.take(images, rows, axis=0, out=joined[:len(rows)])
-    joined[len(rows):] = added.images
-    return CachedImages(joined, np.concatenate([labels, added.labels]), paths + added.paths)
 
 
 def make_loader(

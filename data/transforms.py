@@ -52,5 +52,6 @@ class Preprocess:
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         if self.augment is not None:
             image = self.augment(image=image)["image"]
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+        # a new float array: the cached image is a read-only memory map, never handed to torch as it is
+        tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)
         return (tensor - self.mean) / self.std

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-import os
 import random
 import warnings
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from data.cache import cache_root
 from data.loading import DataBundle, load_data, make_loader
 from data.synthetic import ensure_synthetic
 from data.transforms import Preprocess
@@ -33,10 +33,6 @@ from utils.results import OPERATING_POINT_COLUMNS, append_result, check_results_
 SYNTHETIC_SEED = 0  # the synthetic set is one fixed dataset; --seed varies split and training only
 
 log = logging.getLogger(__name__)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stitchdefect"
 
 
 def prepare_data(config: RunConfig, runtime: Runtime, init: RunDescription | None = None) -> DataBundle:

@@ -30,6 +30,15 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("filterwarnings", f"{action}:{message}:{category.__name__}:{module}")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Generated sets and decoded images go to a folder of this test run, never the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("xdg-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(folder))
+        yield folder
+
+
 def write_image(path: Path, label: int, rng: np.random.Generator, size: int = 40) -> None:
     """A small JPEG whose mean colour depends on the class, so tiny runs can learn something."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -257,7 +257,7 @@ def test_a_fabric_subset_run_generates_trains_and_reloads_only_those_fabrics(tmp
     assert run_script("main.py", *TINY_TRAIN, *flags) == 0
     (row,) = read_rows(out / "results.csv")
     assert row["dataset"] == "synthetic-fabrics-BJ"
-    (folder,) = (tmp_path / "cache" / "stitchdefect").iterdir()
+    (folder,) = (tmp_path / "cache" / "stitchdefect").glob("synthetic-*")  # beside it: decoded/
     assert folder.name.endswith("-fabrics-BJ") and sorted(p.name[0] for p in folder.iterdir() if p.is_dir()) == ["B", "J"]
     description = load_checkpoint(next((out / "main").iterdir()) / "best.pt")["description"]
     assert description.synthetic == SyntheticSource(4, 32, 1.0, "BJ") and description.split["fabrics"] == ["B", "J"]

@@ -151,3 +151,22 @@ def test_fabric_subset_cache_holds_the_same_images_as_the_full_set(cached: Path)
     subset = files(folder)
     assert sorted({name.split(".")[0] for name in subset}) == ["B", "K"] and len(subset) == 2 * len(CLASSES)
     assert subset == {name: data for name, data in files(cached).items() if name in subset}
+
+
+def test_images_are_the_same_bytes_whatever_the_number_of_workers(cached: Path, tmp_path: Path) -> None:
+    """One process, three processes and the fixture's two write the same files."""
+    hashes = []
+    for workers in (1, 3):
+        out = tmp_path / f"w{workers}"
+        generate(out, per_class=1, seed=3, img_size=SIZE, workers=workers, progress=False, fabrics="AK")
+        hashes.append({name: hashlib.sha256(data).hexdigest() for name, data in files(out).items()})
+    two = {name: hashlib.sha256(data).hexdigest() for name, data in files(cached).items() if name in hashes[0]}
+    assert len(hashes[0]) == 2 * len(CLASSES) and hashes[0] == hashes[1] == two
+
+
+def test_cli_writes_the_set_and_prints_one_line(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, "-m", "data.synthetic", "--out", str(tmp_path), "--per-class", "1", "--fabrics", "K",
+                          "--img-size", "16", "--workers", "1", "-q"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == f"wrote {len(CLASSES)} images to {tmp_path}\n" and run.stderr == ""  # -q: no progress bar
+    assert len(files(tmp_path)) == len(CLASSES)

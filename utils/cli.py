@@ -72,6 +72,22 @@ def unit_fraction(text: str) -> float:
     return _in_range(value, 0 <= value < 1, "in [0, 1)", text)
 
 
+def int_at_least(low: int) -> Callable[[str], int]:
+    """A validator of integers >= ``low``."""
+    def validate(text: str) -> int:
+        value = int(text)
+        return _in_range(value, value >= low, f"at least {low}", text)
+    return validate
+
+
+def float_between(low: float, high: float) -> Callable[[str], float]:
+    """A validator of numbers in [``low``, ``high``]."""
+    def validate(text: str) -> float:
+        value = float(text)
+        return _in_range(value, low <= value <= high, f"in [{low:g}, {high:g}]", text)
+    return validate
+
+
 def add_logging_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("output").add_mutually_exclusive_group()
     group.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const="quiet", default="normal",

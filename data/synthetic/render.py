@@ -1,30 +1,20 @@
-"""Procedural StitchingNet look-alike: 11 fabrics x 11 stitch classes, written in the real layout.
+"""The renderer of the synthetic StitchingNet look-alike: one photograph of a seam per (fabric, class, index).
 
-Lets the toolkit be run, tested and benchmarked end to end without the (non-commercial)
-real dataset. See docs/synthetic.md for what each class and fabric looks like.
+Pure and deterministic: ``render_image`` depends only on its arguments (per-image random streams, table-based
+cos, integer warping), so any process on any CPU draws the same bits. See docs/synthetic.md for what each class and
+fabric looks like.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from data.stitchingnet import CLASSES, FABRICS, class_folder, fabric_letters
-
-GENERATOR_VERSION = "2"
-REAL_TOTAL = 14_565  # images in the real StitchingNet download
-REAL_NORMAL_PER_FABRIC = 221
-MARKER = ".complete.json"
+from data.stitchingnet import CLASSES, FABRICS
 
 _S = 224  # working resolution; other --img-size values are resized from it
 _M = 16  # canvas margin, so warped pixels near the border still find fabric
@@ -38,7 +28,6 @@ _MIN_SEVERITY = 0.6
 MIN_IMG_SIZE = 8  # smaller images cannot hold a stitch
 MAX_ZOOM = 4.0  # beyond it the window (56 px) no longer holds a whole defect
 _FABRIC_INDEX = {letter: i for i, letter in enumerate(FABRICS)}
-_NAME = re.compile(r"^[A-K]_\d{2}_\d{4,}\.jpg$")
 
 _CY, _CX = np.mgrid[0:_C, 0:_C].astype(np.float32)
 _Y, _X = np.mgrid[0:_S, 0:_S].astype(np.float32)
@@ -78,34 +67,6 @@ _FABRIC_LOOKS: dict[str, _Fabric] = {
     "J": _Fabric("basket", _rgb(180, 148, 104), _rgb(168, 136, 94), (2.3, 2.8), 0.45, _rgb(66, 48, 40), _rgb(205, 190, 160), (1.6, 2.4), 0.3, 0.9, 0.2, _rgb(226, 160, 36)),
     "K": _Fabric("smooth", _rgb(164, 100, 174), _rgb(158, 96, 168), (2.0, 2.5), 0.03, _rgb(52, 30, 74), _rgb(120, 120, 160), (1.3, 2.0), 0.8, 1.2, 0.2),
 }
-
-
-def plan_counts(like_stitchingnet: bool, per_class: int | None = None, fabrics: str | None = None) -> dict[tuple[str, int], int]:
-    """Images per (fabric letter, class index); pure, so sizes can be checked without rendering.
-
-    ``like_stitchingnet`` mirrors the real download: 221 Normal per fabric and the remaining
-    images spread evenly (first pairs get the remainder) over the 110 defect pairs, 14,565 in all.
-    ``fabrics`` (letters, e.g. "ABJ") keeps only those fabrics, with the counts they have in the full plan.
-    """
-    unknown = sorted(set(fabrics or "") - set(FABRICS))
-    if unknown:
-        raise ValueError(f"fabrics {','.join(unknown)} are not among the synthetic set's {','.join(FABRICS)}")
-    chosen = [f for f in FABRICS if fabrics is None or f in fabrics]
-    if like_stitchingnet:
-        pairs = [(f, c) for f in FABRICS for c in range(1, len(CLASSES))]
-        defects = REAL_TOTAL - REAL_NORMAL_PER_FABRIC * len(FABRICS)
-        base, extra = divmod(defects, len(pairs))
-        plan = {(f, 0): REAL_NORMAL_PER_FABRIC for f in FABRICS}
-        plan.update({pair: base + (i < extra) for i, pair in enumerate(pairs)})
-        return {(f, c): plan[f, c] for f in chosen for c in range(len(CLASSES))}
-    if per_class is None or per_class <= 0:
-        raise ValueError(f"per_class must be a positive integer, got {per_class!r}")
-    return {(f, c): per_class for f in chosen for c in range(len(CLASSES))}
-
-
-def image_name(fabric: str, class_index: int, index: int) -> str:
-    """File name in the real dataset's style, e.g. ``A_03_0007.jpg``."""
-    return f"{fabric}_{class_index:02d}_{index:04d}.jpg"
 
 
 def image_rng(seed: int, fabric: str, class_index: int, index: int) -> np.random.Generator:
@@ -639,115 +600,6 @@ def render_image(seed: int, fabric: str, class_index: int, index: int, img_size:
     return render(fabric, class_index, rng, img_size, zoom), quality
 
 
-_Task = tuple[Path, int, str, int, int, int, float]
-
-
-def _write(task: _Task) -> None:
-    out_dir, seed, fabric, class_index, index, img_size, zoom = task
-    image, quality = render_image(seed, fabric, class_index, index, img_size, zoom)
-    path = out_dir / FABRICS[fabric] / class_folder(class_index) / image_name(fabric, class_index, index)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    image.save(tmp, format="JPEG", quality=quality)
-    os.replace(tmp, path)
-
-
-def _write_chunk(tasks: list[_Task]) -> int:
-    for task in tasks:
-        _write(task)
-    return len(tasks)
-
-
-def _args(per_class: int | None, seed: int, like_stitchingnet: bool, img_size: int, zoom: float, fabrics: str | None) -> dict:
-    return {"generator_version": GENERATOR_VERSION, "per_class": None if like_stitchingnet else per_class,
-            "seed": seed, "like_stitchingnet": like_stitchingnet, "img_size": img_size, "zoom": zoom, "fabrics": fabrics}
-
-
-def generate(out_dir: Path, per_class: int | None = None, seed: int = 0, like_stitchingnet: bool = False,
-             img_size: int = 224, workers: int | None = None, progress: bool = True, zoom: float = 1.0,
-             fabrics: str | None = None) -> int:
-    """Write the synthetic set (or only the ``fabrics`` letters) under ``out_dir`` in the real nested layout; returns images written.
-
-    Files are replaced atomically and ``.complete.json`` is written last, so a folder with the
-    marker is whole. Our own stale images (from a larger earlier run) are removed.
-    """
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-    if img_size < MIN_IMG_SIZE:
-        raise ValueError(f"img_size must be >= {MIN_IMG_SIZE}, got {img_size}")
-    if not 1 <= zoom <= MAX_ZOOM:
-        raise ValueError(f"zoom must be in [1, {MAX_ZOOM}], got {zoom}")
-    plan = plan_counts(like_stitchingnet, per_class, fabrics)
-    out_dir = Path(out_dir)
-    (out_dir / MARKER).unlink(missing_ok=True)
-    tasks = []
-    for (fabric, class_index), count in plan.items():
-        folder = out_dir / FABRICS[fabric] / class_folder(class_index)
-        folder.mkdir(parents=True, exist_ok=True)
-        wanted = {image_name(fabric, class_index, i) for i in range(count)}
-        for old in folder.iterdir():
-            if (old.name.endswith(".tmp") or _NAME.match(old.name)) and old.name not in wanted:
-                old.unlink()
-        tasks += [(out_dir, seed, fabric, class_index, i, img_size, zoom) for i in range(count)]
-    workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
-    step = max(1, min(32, len(tasks) // (4 * workers)))  # small enough to keep every worker busy
-    chunks = [tasks[i:i + step] for i in range(0, len(tasks), step)]
-    bar = _progress(len(tasks), progress)
-    if workers == 1:
-        for chunk in chunks:
-            bar.update(_write_chunk(chunk))
-    else:
-        # spawned, not forked: a fork copies locks other threads hold (ONNX Runtime's, torch's, a logger's) and
-        # can hang a worker forever
-        with get_context("spawn").Pool(workers) as pool:
-            for done in pool.imap_unordered(_write_chunk, chunks):
-                bar.update(done)
-    bar.close()
-    marker = {**_args(per_class, seed, like_stitchingnet, img_size, zoom, fabrics), "images": len(tasks)}
-    tmp = out_dir / f"{MARKER}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(marker, indent=1) + "\n")
-    os.replace(tmp, out_dir / MARKER)
-    return len(tasks)
-
-
-class _NoBar:
-    """Stands in for tqdm when the bar is off or tqdm is missing."""
-
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool) -> _NoBar:
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, unit="img", desc="synthetic", file=sys.stderr)
-
-
-def ensure_synthetic(cache_root: Path, per_class: int | None, seed: int, img_size: int, like_stitchingnet: bool = False,
-                     *, workers: int | None = None, progress: bool = True, zoom: float = 1.0,
-                     fabrics: str | None = None) -> Path:
-    """Cached synthetic set for these arguments; generated only when its completion marker is missing."""
-    size = "like-stitchingnet" if like_stitchingnet else f"n{per_class}"
-    zoomed = f"-zoom{zoom:g}" if zoom != 1 else ""
-    subset = f"-fabrics-{fabrics}" if fabrics else ""
-    folder = Path(cache_root) / f"synthetic-v{GENERATOR_VERSION}-{size}-s{seed}-{img_size}px{zoomed}{subset}"
-    wanted = _args(per_class, seed, like_stitchingnet, img_size, zoom, fabrics)
-    try:
-        # markers from before --zoom and --fabrics are zoom 1, all fabrics
-        done = {"zoom": 1.0, "fabrics": None, **json.loads((folder / MARKER).read_text())}
-        if {k: done.get(k) for k in wanted} == wanted:
-            return folder
-    except (OSError, ValueError):  # no marker yet, or a torn one: (re)generate
-        pass
-    generate(folder, per_class, seed, like_stitchingnet, img_size, workers, progress, zoom, fabrics)
-    return folder
-
 
 def write_preview(path: Path, seed: int = 0, img_size: int = _S, cell: int = 80, zoom: float = 1.0) -> None:
     """Contact sheet: one row per fabric (A-K), one column per class (00-10), image 0 of each pair.
@@ -768,61 +620,3 @@ def write_preview(path: Path, seed: int = 0, img_size: int = _S, cell: int = 80,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.quantize(colors=128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m data.synthetic",
-        description="Write a procedural StitchingNet look-alike (11 fabrics x 11 classes) in the real "
-                    "dataset's layout: OUT/<fabric folder>/<class folder>/<F>_<CC>_<NNNN>.jpg.",
-        epilog="Same seed and arguments give byte-identical files. Example: "
-               "python -m data.synthetic --out data/synthetic --like-stitchingnet --seed 0")
-    parser.add_argument("--out", type=Path, help="output folder (created; a .complete.json marker is written last)")
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--per-class", type=int, metavar="N", help="images per (fabric, class) pair: 121*N images")
-    size.add_argument("--like-stitchingnet", action="store_true",
-                      help="the real dataset's size: 14,565 images, 221 Normal per fabric, the rest spread over the defects")
-    parser.add_argument("--seed", type=int, default=0, help="base seed (>= 0, default 0)")
-    parser.add_argument("--img-size", type=int, default=_S, help=f"square image side in px (default {_S}; rendered at {_S} and resized)")
-    parser.add_argument("--zoom", type=float, default=1.0,
-                        help=f"closer camera: frame a (224 / ZOOM) px window around the defect, in [1, {MAX_ZOOM:g}] (default 1)")
-    parser.add_argument("--fabrics", metavar="LETTERS", type=lambda text: "".join(fabric_letters(text)),
-                        help="only these fabrics, e.g. A,B,J (default: all of A-K)")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")
-    parser.add_argument("--preview", type=Path, metavar="FILE.png",
-                        help="also (or only) write a contact sheet: rows = fabrics A-K, columns = classes 00-10")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.per_class is not None and args.per_class <= 0:
-        parser.error(f"--per-class must be a positive integer, got {args.per_class}")
-    if args.seed < 0:
-        parser.error(f"--seed must be >= 0, got {args.seed}")
-    if args.img_size < 8:
-        parser.error(f"--img-size must be at least 8, got {args.img_size}")
-    if not 1 <= args.zoom <= MAX_ZOOM:
-        parser.error(f"--zoom must be in [1, {MAX_ZOOM:g}], got {args.zoom}")
-    if args.fabrics is not None and not set(args.fabrics) <= set(FABRICS):
-        parser.error(f"--fabrics must be letters among {','.join(FABRICS)}, got {args.fabrics}")
-    if args.workers is not None and args.workers < 1:
-        parser.error(f"--workers must be >= 1, got {args.workers}")
-    sized = args.per_class is not None or args.like_stitchingnet
-    if args.out is None and (sized or args.preview is None):
-        parser.error("give --out DIR with --per-class N or --like-stitchingnet (or only --preview FILE.png)")
-    if args.out is not None and not sized:
-        parser.error("give --per-class N or --like-stitchingnet to say how many images to write")
-    if args.preview is not None:
-        write_preview(args.preview, args.seed, args.img_size, zoom=args.zoom)
-    if args.out is not None:
-        count = generate(args.out, args.per_class, args.seed, args.like_stitchingnet, args.img_size, args.workers, not args.quiet,
-                         args.zoom, args.fabrics)
-        print(f"wrote {count} images to {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
