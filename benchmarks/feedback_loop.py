@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.scan import scan_dataset  # noqa: E402
 from data.stitchingnet import CLASSES, FABRICS  # noqa: E402
-from data.synthetic import ensure_synthetic  # noqa: E402
+from data.synthetic import SyntheticSet, ensure_synthetic  # noqa: E402
 from deploy.artifacts import decision_threshold  # noqa: E402
 from deploy.classify import TorchClassifier  # noqa: E402
 from deploy.files import classify_files  # noqa: E402
@@ -53,8 +53,8 @@ def run(*args: str) -> None:
 def fabric_j_halves(out: Path) -> tuple[Path, Path]:
     """Fabric J of the quick start's synthetic set, split per class by index: even images streamed (as one folder in
     a shuffled order, like seams coming past the camera), odd ones held out as a <class>/<image> tree."""
-    source = ensure_synthetic(cache_root(), PER_CLASS, SYNTHETIC_SEED, IMG_SIZE, like_stitchingnet=False, zoom=ZOOM,
-                              fabrics="ABJ") / FABRICS["J"]
+    spec = SyntheticSet(PER_CLASS, SYNTHETIC_SEED, IMG_SIZE, zoom=ZOOM, fabrics="ABJ")
+    source = ensure_synthetic(cache_root(), spec) / FABRICS["J"]
     stream, held_out = out / "fabric-J-stream", out / "fabric-J-held-out"
     if stream.exists():
         return stream, held_out

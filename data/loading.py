@@ -91,48 +91,38 @@ class DataBundle:
     synthetic: SyntheticSource | None = None  # so a checkpoint can regenerate its data
 
 
-def load_data(
-    root: Path | str,
-    img_size: int,
-    seed: int,
-    dataset: str = "real",
-    split: dict | None = None,
-    test_fabrics: list[str] | None = None,
-    class_names: list[str] | None = None,
-    progress: bool = True,
-    fabrics: list[str] | None = None,
-    added: list[str] | None = None,
-) -> DataBundle:
-    """Scan, decode and split. A given ``split`` (e.g. from a checkpoint) is reused exactly.
+@dataclass(frozen=True)
+class SplitRequest:
+    """How to split: ``stored`` (a checkpoint's split) is reused exactly; otherwise a new stratified split from
+    ``seed``, with ``test_fabrics`` held out as the test set and only the ``fabrics`` letters kept. ``added``:
+    folders of labelled images (e.g. a reviewed ``stream.py --collect`` folder) joined to the training split only."""
 
-    ``fabrics`` keeps only those fabrics; ``dataset`` is labelled with them, e.g. ``real-fabrics-ABJ``.
-    ``added``: folders of labelled images (e.g. a reviewed ``stream.py --collect`` folder) that join the training
-    split only, after the split is made, so validation and test stay the main data's and the split is the one a
-    run without them gets; the split records them (``added``: {folder: images}) and the dataset label ends in
-    ``+added``. A given split brings its own ``added`` images.
-    """
+    seed: int = 0
+    stored: dict | None = None
+    test_fabrics: list[str] | None = None
+    fabrics: list[str] | None = None
+    added: list[str] | None = None
+
+
+def load_data(root: Path | str, img_size: int, request: SplitRequest, dataset: str = "real",
+              class_names: list[str] | None = None, progress: bool = True) -> DataBundle:
+    """Scan, decode and split; ``dataset`` is the results label, extended with the split's fabrics (e.g.
+    ``real-fabrics-ABJ``) and ``+added`` where added folders joined the training split. Added images join after the
+    split is made, so validation and test stay the main data's and the split is the one a run without them gets;
+    the split records them (``added``: {folder: images}); a stored split brings its own."""
+    split, fabrics = request.stored, request.fabrics
     scanned = scan_dataset(root)
-    present = sorted({sample.label for sample in scanned.samples})
-    if len(present) < 2:
-        raise DatasetError(f"all images under '{root}' are of one class ({scanned.class_names[present[0]]}): "
-                           "a classifier needs images of at least two classes")
-    if normal_index(scanned.class_names) is None:
-        log.warning("the classes under '%s' have no Normal class: defect recall and false-alarm rate are undefined "
-                    "(nan in the results)", root)
-    if class_names is not None and list(class_names) != scanned.class_names:
-        raise DatasetError(
-            f"the data under '{root}' has classes {scanned.class_names}, but the checkpoint was "
-            f"trained on {list(class_names)}: use the data root it was trained on"
-        )
+    check_classes(scanned, class_names)
     stored_added = (split or {}).get("added")
-    folders = list(stored_added or {}) if split is not None else added or []  # a given split brings its own
+    folders = list(stored_added or {}) if split is not None else request.added or []
     added_scans = scan_added(folders, scanned.root, scanned.class_names)  # before decoding: a wrong folder fails at once
     by_path = {s.path: s for s in scanned.samples}
     # the whole data root is decoded (once, into the shared cache): every subset and split of it reads the same rows
     images, decoded = cached_images(scanned.root, list(by_path), img_size, progress)
     if split is None:
         chosen = {s.path for s in select_fabrics(scanned.samples, fabrics)} if fabrics else by_path
-        split = make_split([by_path[p] for p in decoded if p in chosen], seed, test_fabrics=test_fabrics, fabrics=fabrics)
+        split = make_split([by_path[p] for p in decoded if p in chosen], request.seed, test_fabrics=request.test_fabrics,
+                           fabrics=fabrics)
     else:
         missing = [p for name in SPLITS for p in split[name] if p not in by_path]
         if missing:
@@ -162,6 +152,23 @@ def load_data(
     if extra is not None:
         dataset += "+added"
     return DataBundle(Path(root), dataset, scanned.class_names, split, parts)
+
+
+def check_classes(scanned: ScannedDataset, class_names: list[str] | None) -> None:
+    """At least two classes, a Normal class (else a warning), and a checkpoint's classes where one is given."""
+    root = scanned.root
+    present = sorted({sample.label for sample in scanned.samples})
+    if len(present) < 2:
+        raise DatasetError(f"all images under '{root}' are of one class ({scanned.class_names[present[0]]}): "
+                           "a classifier needs images of at least two classes")
+    if normal_index(scanned.class_names) is None:
+        log.warning("the classes under '%s' have no Normal class: defect recall and false-alarm rate are undefined "
+                    "(nan in the results)", root)
+    if class_names is not None and list(class_names) != scanned.class_names:
+        raise DatasetError(
+            f"the data under '{root}' has classes {scanned.class_names}, but the checkpoint was "
+            f"trained on {list(class_names)}: use the data root it was trained on"
+        )
 
 
 def scan_added(folders: list[str], root: Path, class_names: list[str]) -> list[ScannedDataset]:

@@ -14,8 +14,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from data.cache import cache_root
-from data.loading import DataBundle, load_data, make_loader
-from data.synthetic import ensure_synthetic
+from data.loading import DataBundle, SplitRequest, load_data, make_loader
+from data.synthetic import SyntheticSet, ensure_synthetic
 from data.transforms import Preprocess
 from engine.config import RunConfig, TrainConfig
 from engine.loop import EvalOutput, FitConfig, FitResult, Hooks, LossFn, evaluate, fit, smoothed_cross_entropy, unwrap
@@ -44,20 +44,17 @@ def prepare_data(config: RunConfig, runtime: Runtime, init: RunDescription | Non
     synthetic, root, stored = config.data.source, config.data.data_root, config.pinned
     if synthetic is not None:
         def make() -> Path:
-            return ensure_synthetic(cache_root(), synthetic.per_class, SYNTHETIC_SEED, synthetic.img_size,
-                                    like_stitchingnet=synthetic.per_class is None, zoom=synthetic.zoom,
-                                    fabrics=synthetic.fabrics)
+            return ensure_synthetic(cache_root(), SyntheticSet(synthetic.per_class, SYNTHETIC_SEED, synthetic.img_size,
+                                                               synthetic.per_class is None, synthetic.zoom, synthetic.fabrics))
 
         if runtime.is_main:
             make()
         barrier(runtime)
         root = make()
-    bundle = load_data(
-        root, config.data.img_size, config.seed, dataset=synthetic.label if synthetic else "real",
-        split=stored.split if stored else None, test_fabrics=config.data.test_fabrics,
-        class_names=(stored or init).class_names if stored or init else None, progress=runtime.is_main,
-        fabrics=config.data.fabrics, added=config.data.add_data,
-    )
+    request = SplitRequest(config.seed, stored.split if stored else None, config.data.test_fabrics, config.data.fabrics,
+                           config.data.add_data)
+    bundle = load_data(root, config.data.img_size, request, dataset=synthetic.label if synthetic else "real",
+                       class_names=(stored or init).class_names if stored or init else None, progress=runtime.is_main)
     bundle.synthetic = synthetic
     if init is not None:
         check_held_out(bundle, init)

@@ -20,7 +20,7 @@ import data.cache
 import data.images
 from data.cache import DecodedCacheWarning, MappedImages, cached_images
 from data.images import load_images
-from data.loading import load_data, make_loader
+from data.loading import SplitRequest, load_data, make_loader
 from data.transforms import Preprocess
 
 SIZE = 32
@@ -154,7 +154,7 @@ def test_pages_read_are_handed_back_and_read_again_unchanged(source, tmp_path, m
 
 
 def test_splits_and_loader_workers_read_the_one_mapped_array(tiny_dataset):
-    bundle = load_data(tiny_dataset, SIZE, seed=0, progress=False)
+    bundle = load_data(tiny_dataset, SIZE, SplitRequest(seed=0), progress=False)
     arrays = {id(part.images.arrays[0]) for part in bundle.parts.values()}
     assert len(arrays) == 1 and isinstance(bundle.parts["test"].images.arrays[0], MappedImages)
     test = bundle.parts["test"]

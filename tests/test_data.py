@@ -11,7 +11,7 @@ import torch
 from conftest import SAMPLES, make_nested_dataset, write_image
 
 from data.images import load_images
-from data.loading import load_data
+from data.loading import SplitRequest, load_data
 from data.scan import DatasetError, class_name_of, fabric_of, scan_dataset
 from data.splits import make_split
 from data.stitchingnet import CLASSES, normalise_name
@@ -105,9 +105,10 @@ def test_fabric_subset_keeps_only_those_fabrics_and_labels_the_data(tiny_dataset
     assert {p.split(".")[0] for p in paths} == {"A", "C"}
     with pytest.raises(DatasetError, match="--fabrics Z not in the data"):
         make_split(samples, 0, fabrics=["A", "Z"])
-    bundle = load_data(tiny_dataset, 32, 0, fabrics=["C", "A"])
+    bundle = load_data(tiny_dataset, 32, SplitRequest(seed=0, fabrics=["C", "A"]))
     assert bundle.dataset == "real-fabrics-AC" and bundle.split == split
-    assert load_data(tiny_dataset, 32, 0, split=split).dataset == "real-fabrics-AC"  # a checkpoint's split keeps the label
+    # a checkpoint's split keeps the label
+    assert load_data(tiny_dataset, 32, SplitRequest(seed=0, stored=split)).dataset == "real-fabrics-AC"
 
 
 @pytest.mark.parametrize("version", [0, 1, 2, 3])
@@ -144,7 +145,7 @@ def test_corrupt_zero_byte_and_non_image_files_are_skipped_with_a_warning(tmp_pa
     good = next(bad.glob("A_*.jpg")).read_bytes()
     (bad / "truncated.jpg").write_bytes(good[: len(good) // 3])
     with caplog.at_level(logging.WARNING, logger="data.images"):
-        bundle = load_data(root, 32, seed=0, progress=False)
+        bundle = load_data(root, 32, SplitRequest(seed=0), progress=False)
     skipped = [record.getMessage() for record in caplog.records if "skipping unreadable image" in record.getMessage()]
     for name in ("zero.jpg", "text.jpg", "truncated.jpg"):
         assert sum(name in message for message in skipped) == 1
@@ -161,12 +162,12 @@ def test_decoded_cache_is_resized_rgb(tmp_path):
 
 
 def test_stored_split_is_reused_and_checked(tiny_dataset, tmp_path):
-    bundle = load_data(tiny_dataset, 32, seed=3, progress=False)
-    again = load_data(tiny_dataset, 32, seed=99, split=bundle.split, progress=False)
+    bundle = load_data(tiny_dataset, 32, SplitRequest(seed=3), progress=False)
+    again = load_data(tiny_dataset, 32, SplitRequest(seed=99, stored=bundle.split), progress=False)
     assert again.parts["test"].paths == bundle.parts["test"].paths
     make_nested_dataset(tmp_path / "other", fabrics="D", per_class=2)
     with pytest.raises(DatasetError, match="stored split"):
-        load_data(tmp_path / "other", 32, seed=3, split=bundle.split, progress=False)
+        load_data(tmp_path / "other", 32, SplitRequest(seed=3, stored=bundle.split), progress=False)
 
 
 def test_fabric_of_follows_the_three_layouts():

@@ -12,7 +12,7 @@ import torch
 from conftest import TINY_TRAIN, FillsUp, run_script, write_image
 from PIL import Image
 
-from data.loading import CachedImages, load_data, make_loader
+from data.loading import CachedImages, SplitRequest, load_data, make_loader
 from data.stitchingnet import class_folder
 from data.transforms import Preprocess
 from deploy.classify import predict
@@ -38,7 +38,7 @@ def test_a_last_training_batch_of_one_image_is_dropped():
 
 
 def test_training_split_of_one_more_than_a_batch_multiple_trains(tiny_dataset, tmp_path):
-    train_images = len(load_data(tiny_dataset, 32, seed=0, progress=False).parts["train"])
+    train_images = len(load_data(tiny_dataset, 32, SplitRequest(seed=0), progress=False).parts["train"])
     flags = [*TINY_TRAIN[:-4], "--batch-size", str(train_images - 1), "--workers", "0", "--seed", "0"]
     assert run_script("main.py", *flags, "--data-root", tiny_dataset, "--epochs", "1", "--output-dir", tmp_path) == 0
 
@@ -69,7 +69,7 @@ def test_defect_figures_find_normal_by_name_when_classes_are_not_stitchingnet(ti
     rng = np.random.default_rng(0)
     for i in range(4):
         write_image(root / "A. Cotton-Poly" / "Loose thread" / f"x{i}.jpg", 5, rng)
-    bundle = load_data(root, 32, seed=0, progress=False)
+    bundle = load_data(root, 32, SplitRequest(seed=0), progress=False)
     normal = bundle.class_names.index("0. Normal")
     assert normal != 0 and any("not StitchingNet classes" in r.getMessage() for r in caplog.records)
     defect = (normal + 1) % len(bundle.class_names)

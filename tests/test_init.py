@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import TINY_TRAIN, run_script, write_image
 
-from data.loading import load_data
+from data.loading import SplitRequest, load_data
 from data.scan import DatasetError
 from engine.config import RunConfig
 from engine.run import HeldOutWarning, prepare_data
@@ -129,18 +129,18 @@ def test_added_images_join_the_training_split_only(trained_run: Path, tiny_datas
 
 
 def test_added_images_take_the_data_class_indices_by_name(tiny_dataset: Path, reviewed: Path, tmp_path: Path) -> None:
-    plain = load_data(tiny_dataset, 32, seed=0, progress=False)
+    plain = load_data(tiny_dataset, 32, SplitRequest(seed=0), progress=False)
     folder = shutil.copytree(reviewed, tmp_path / "reviewed")
-    bundle = load_data(tiny_dataset, 32, seed=0, progress=False, added=[str(folder)])
+    bundle = load_data(tiny_dataset, 32, SplitRequest(seed=0, added=[str(folder)]), progress=False)
     train, before = bundle.parts["train"], plain.parts["train"]
     assert all(bundle.parts[name].paths == plain.parts[name].paths for name in ("val", "test"))
     assert train.paths == before.paths + [f"{folder.resolve()}/{path}" for path in REVIEWED]
     assert train.labels[len(before):].tolist() == [2, 2, 2, 0, 0]  # Broken stitch is class 2 of the data, not 1 of the folder
     assert np.array_equal(train.images[:len(before)], before.images) and bundle.dataset == "real+added"
-    assert load_data(tiny_dataset, 32, seed=0, split=bundle.split, progress=False).parts["train"].paths == train.paths
+    assert load_data(tiny_dataset, 32, SplitRequest(seed=0, stored=bundle.split), progress=False).parts["train"].paths == train.paths
     (folder / REVIEWED[0]).unlink()  # a resumed run trains on what it started with, or stops
     with pytest.raises(DatasetError, match="1 added images of the stored split .* missing"):
-        load_data(tiny_dataset, 32, seed=0, split=bundle.split, progress=False)
+        load_data(tiny_dataset, 32, SplitRequest(seed=0, stored=bundle.split), progress=False)
 
 
 @pytest.mark.parametrize("folder, message", [("added", "['Loose button'] under"), ("data", "overlap"),

@@ -14,7 +14,7 @@ import torch
 from conftest import run_in_fresh_process, run_script
 from test_openvino import RELOAD
 
-from data.loading import load_data
+from data.loading import SplitRequest, load_data
 from data.transforms import Preprocess
 from deploy.openvino_export import quantize_openvino_with_accuracy_control
 from deploy.openvino_runtime import compile_ir, read_ir
@@ -58,7 +58,7 @@ def test_export_max_drop_holds_on_the_validation_split_and_is_recorded(trained_r
     assert run_script("export.py", "--checkpoint", trained_run / "best.pt", "--out", tmp_path / "model.onnx", "--openvino",
                       "--int8", "--max-drop", max_drop, "--calibration-images", "16", "--workers", "0", "--output-dir", out) == 0
     description = load_checkpoint(trained_run / "best.pt")["description"]
-    bundle = load_data(description.data_root, description.img_size, description.seed, split=description.split,
+    bundle = load_data(description.data_root, description.img_size, SplitRequest(description.seed, description.split),
                        class_names=description.class_names, progress=False)
     preprocess = Preprocess(description.mean, description.std)
     val = bundle.parts["val"]

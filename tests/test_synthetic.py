@@ -13,7 +13,16 @@ import pytest
 from PIL import Image
 
 from data.stitchingnet import CLASSES, FABRICS, class_folder
-from data.synthetic import GENERATOR_VERSION, MARKER, REAL_TOTAL, ensure_synthetic, generate, plan_counts, render_image
+from data.synthetic import (
+    GENERATOR_VERSION,
+    MARKER,
+    REAL_TOTAL,
+    SyntheticSet,
+    ensure_synthetic,
+    generate,
+    plan_counts,
+    render_image,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -26,7 +35,7 @@ def files(root: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny set (1 image per fabric x class) made through the cache entry point."""
-    return ensure_synthetic(tmp_path_factory.mktemp("cache"), per_class=1, seed=3, img_size=SIZE, workers=2, progress=False)
+    return ensure_synthetic(tmp_path_factory.mktemp("cache"), SyntheticSet(per_class=1, seed=3, img_size=SIZE), workers=2, progress=False)
 
 
 def test_layout_names_and_counts(cached: Path) -> None:
@@ -55,7 +64,7 @@ def test_same_seed_is_byte_identical_whatever_the_process(cached: Path) -> None:
 
 
 def test_regenerating_gives_identical_files(cached: Path, tmp_path: Path) -> None:
-    assert generate(tmp_path, per_class=1, seed=3, img_size=SIZE, workers=2, progress=False) == 121
+    assert generate(tmp_path, SyntheticSet(per_class=1, seed=3, img_size=SIZE), workers=2, progress=False) == 121
     assert files(tmp_path) == files(cached)
 
 
@@ -74,7 +83,7 @@ def test_classes_differ_within_a_fabric() -> None:
 def test_cache_is_reused(cached: Path) -> None:
     marker = cached / MARKER
     before = {p: p.stat().st_mtime_ns for p in cached.rglob("*") if p.is_file()}
-    assert ensure_synthetic(cached.parent, per_class=1, seed=3, img_size=SIZE, workers=2, progress=False) == cached
+    assert ensure_synthetic(cached.parent, SyntheticSet(per_class=1, seed=3, img_size=SIZE), workers=2, progress=False) == cached
     assert {p: p.stat().st_mtime_ns for p in cached.rglob("*") if p.is_file()} == before
     assert marker.exists()
 
@@ -122,7 +131,7 @@ def test_zoom_frames_a_window_of_the_standard_scene(fabric: str, class_index: in
 
 
 def test_zoomed_cache_has_its_own_folder_and_marker(tmp_path: Path) -> None:
-    folder = ensure_synthetic(tmp_path, per_class=1, seed=0, img_size=SIZE, workers=1, progress=False, zoom=2)
+    folder = ensure_synthetic(tmp_path, SyntheticSet(per_class=1, seed=0, img_size=SIZE, zoom=2), workers=1, progress=False)
     assert folder.name == f"synthetic-v{GENERATOR_VERSION}-n1-s0-{SIZE}px-zoom2"
     assert json.loads((folder / MARKER).read_text())["zoom"] == 2
 
@@ -132,7 +141,7 @@ def test_marker_from_before_zoom_is_reused_as_zoom_1(cached: Path) -> None:
     old = {k: v for k, v in json.loads(marker.read_text()).items() if k != "zoom"}
     marker.write_text(json.dumps(old))
     before = {p: p.stat().st_mtime_ns for p in cached.rglob("*.jpg")}
-    assert ensure_synthetic(cached.parent, per_class=1, seed=3, img_size=SIZE, workers=2, progress=False) == cached
+    assert ensure_synthetic(cached.parent, SyntheticSet(per_class=1, seed=3, img_size=SIZE), workers=2, progress=False) == cached
     assert {p: p.stat().st_mtime_ns for p in cached.rglob("*.jpg")} == before
 
 
@@ -145,7 +154,7 @@ def test_fabric_subset_plan_keeps_the_full_plan_counts() -> None:
 
 
 def test_fabric_subset_cache_holds_the_same_images_as_the_full_set(cached: Path) -> None:
-    folder = ensure_synthetic(cached.parent, per_class=1, seed=3, img_size=SIZE, workers=1, progress=False, fabrics="BK")
+    folder = ensure_synthetic(cached.parent, SyntheticSet(per_class=1, seed=3, img_size=SIZE, fabrics="BK"), workers=1, progress=False)
     assert folder.name == f"synthetic-v{GENERATOR_VERSION}-n1-s3-{SIZE}px-fabrics-BK"
     assert json.loads((folder / MARKER).read_text())["fabrics"] == "BK"
     subset = files(folder)
@@ -158,7 +167,7 @@ def test_images_are_the_same_bytes_whatever_the_number_of_workers(cached: Path, 
     hashes = []
     for workers in (1, 3):
         out = tmp_path / f"w{workers}"
-        generate(out, per_class=1, seed=3, img_size=SIZE, workers=workers, progress=False, fabrics="AK")
+        generate(out, SyntheticSet(per_class=1, seed=3, img_size=SIZE, fabrics="AK"), workers=workers, progress=False)
         hashes.append({name: hashlib.sha256(data).hexdigest() for name, data in files(out).items()})
     two = {name: hashlib.sha256(data).hexdigest() for name, data in files(cached).items() if name in hashes[0]}
     assert len(hashes[0]) == 2 * len(CLASSES) and hashes[0] == hashes[1] == two

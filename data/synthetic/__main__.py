@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from data.stitchingnet import FABRICS, fabric_letters
-from data.synthetic.generate import generate
+from data.synthetic.generate import SyntheticSet, generate
 from data.synthetic.render import MAX_ZOOM, MIN_IMG_SIZE, write_preview
 from utils.cli import float_between, int_at_least, positive_int, random_seed, run_cli
 from utils.errors import UserError
@@ -47,8 +47,8 @@ def main(args: argparse.Namespace) -> None:
     if args.preview is not None:
         write_preview(args.preview, args.seed, args.img_size, zoom=args.zoom)
     if args.out is not None:
-        count = generate(args.out, args.per_class, args.seed, args.like_stitchingnet, args.img_size, args.workers,
-                         zoom=args.zoom, fabrics=args.fabrics)
+        spec = SyntheticSet(args.per_class, args.seed, args.img_size, args.like_stitchingnet, args.zoom, args.fabrics)
+        count = generate(args.out, spec, args.workers)
         print(f"wrote {count} images to {args.out}")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -69,27 +70,45 @@ def _write_chunk(tasks: list[_Task]) -> int:
     return len(tasks)
 
 
-def _args(per_class: int | None, seed: int, like_stitchingnet: bool, img_size: int, zoom: float, fabrics: str | None) -> dict:
-    return {"generator_version": GENERATOR_VERSION, "per_class": None if like_stitchingnet else per_class,
-            "seed": seed, "like_stitchingnet": like_stitchingnet, "img_size": img_size, "zoom": zoom, "fabrics": fabrics}
+@dataclass(frozen=True)
+class SyntheticSet:
+    """Which synthetic images: ``per_class`` per (fabric, class) pair, or the real dataset's counts with
+    ``like_stitchingnet``; a ``zoom`` times closer camera; only the ``fabrics`` letters (None: all eleven)."""
+
+    per_class: int | None = None
+    seed: int = 0
+    img_size: int = 224
+    like_stitchingnet: bool = False
+    zoom: float = 1.0
+    fabrics: str | None = None
+
+    def marker(self) -> dict:
+        """What a generated folder's completion marker records of it."""
+        return {"generator_version": GENERATOR_VERSION, "per_class": None if self.like_stitchingnet else self.per_class,
+                "seed": self.seed, "like_stitchingnet": self.like_stitchingnet, "img_size": self.img_size,
+                "zoom": self.zoom, "fabrics": self.fabrics}
+
+    def folder_name(self) -> str:
+        size = "like-stitchingnet" if self.like_stitchingnet else f"n{self.per_class}"
+        zoomed = f"-zoom{self.zoom:g}" if self.zoom != 1 else ""
+        subset = f"-fabrics-{self.fabrics}" if self.fabrics else ""
+        return f"synthetic-v{GENERATOR_VERSION}-{size}-s{self.seed}-{self.img_size}px{zoomed}{subset}"
 
 
-def generate(out_dir: Path, per_class: int | None = None, seed: int = 0, like_stitchingnet: bool = False,
-             img_size: int = 224, workers: int | None = None, progress: bool = True, zoom: float = 1.0,
-             fabrics: str | None = None) -> int:
+def generate(out_dir: Path, spec: SyntheticSet, workers: int | None = None, progress: bool = True) -> int:
     """Write the synthetic set (or only the ``fabrics`` letters) under ``out_dir`` in the real nested layout; returns images written.
 
     Files are replaced atomically and ``.complete.json`` is written last, so a folder with the
     marker is whole. Our own stale images (from a larger earlier run) are removed. ``workers`` processes (default:
     every CPU) render; the progress bar follows the log level (hidden by ``-q``) and ``progress``.
     """
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-    if img_size < MIN_IMG_SIZE:
-        raise ValueError(f"img_size must be >= {MIN_IMG_SIZE}, got {img_size}")
-    if not 1 <= zoom <= MAX_ZOOM:
-        raise ValueError(f"zoom must be in [1, {MAX_ZOOM}], got {zoom}")
-    plan = plan_counts(like_stitchingnet, per_class, fabrics)
+    if spec.seed < 0:
+        raise ValueError(f"seed must be >= 0, got {spec.seed}")
+    if spec.img_size < MIN_IMG_SIZE:
+        raise ValueError(f"img_size must be >= {MIN_IMG_SIZE}, got {spec.img_size}")
+    if not 1 <= spec.zoom <= MAX_ZOOM:
+        raise ValueError(f"zoom must be in [1, {MAX_ZOOM}], got {spec.zoom}")
+    plan = plan_counts(spec.like_stitchingnet, spec.per_class, spec.fabrics)
     out_dir = Path(out_dir)
     (out_dir / MARKER).unlink(missing_ok=True)
     tasks = []
@@ -100,7 +119,7 @@ def generate(out_dir: Path, per_class: int | None = None, seed: int = 0, like_st
         for old in folder.iterdir():
             if (old.name.endswith(".tmp") or _NAME.match(old.name)) and old.name not in wanted:
                 old.unlink()
-        tasks += [(out_dir, seed, fabric, class_index, i, img_size, zoom) for i in range(count)]
+        tasks += [(out_dir, spec.seed, fabric, class_index, i, spec.img_size, spec.zoom) for i in range(count)]
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
     step = max(1, min(32, len(tasks) // (4 * workers)))  # small enough to keep every worker busy
     chunks = [tasks[i:i + step] for i in range(0, len(tasks), step)]
@@ -114,22 +133,17 @@ def generate(out_dir: Path, per_class: int | None = None, seed: int = 0, like_st
             with get_context("spawn").Pool(workers) as pool:
                 for done in pool.imap_unordered(_write_chunk, chunks):
                     bar.update(done)
-    marker = {**_args(per_class, seed, like_stitchingnet, img_size, zoom, fabrics), "images": len(tasks)}
+    marker = {**spec.marker(), "images": len(tasks)}
     tmp = out_dir / f"{MARKER}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(marker, indent=1) + "\n")
     os.replace(tmp, out_dir / MARKER)
     return len(tasks)
 
 
-def ensure_synthetic(cache_root: Path, per_class: int | None, seed: int, img_size: int, like_stitchingnet: bool = False,
-                     *, workers: int | None = None, progress: bool = True, zoom: float = 1.0,
-                     fabrics: str | None = None) -> Path:
-    """Cached synthetic set for these arguments; generated only when its completion marker is missing."""
-    size = "like-stitchingnet" if like_stitchingnet else f"n{per_class}"
-    zoomed = f"-zoom{zoom:g}" if zoom != 1 else ""
-    subset = f"-fabrics-{fabrics}" if fabrics else ""
-    folder = Path(cache_root) / f"synthetic-v{GENERATOR_VERSION}-{size}-s{seed}-{img_size}px{zoomed}{subset}"
-    wanted = _args(per_class, seed, like_stitchingnet, img_size, zoom, fabrics)
+def ensure_synthetic(cache_root: Path, spec: SyntheticSet, workers: int | None = None, progress: bool = True) -> Path:
+    """Cached synthetic set ``spec``; generated only when its completion marker is missing or differs."""
+    folder = Path(cache_root) / spec.folder_name()
+    wanted = spec.marker()
     try:
         # markers from before --zoom and --fabrics are zoom 1, all fabrics
         done = {"zoom": 1.0, "fabrics": None, **json.loads((folder / MARKER).read_text())}
@@ -137,5 +151,5 @@ def ensure_synthetic(cache_root: Path, per_class: int | None, seed: int, img_siz
             return folder
     except (OSError, ValueError):  # no marker yet, or a torn one: (re)generate
         pass
-    generate(folder, per_class, seed, like_stitchingnet, img_size, workers, progress, zoom, fabrics)
+    generate(folder, spec, workers, progress)
     return folder
