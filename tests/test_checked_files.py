@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT, TINY_TRAIN, FillsUp, run_script
 from test_stream import stub_model
 
-from deploy import onnx_export
+from deploy import formats, onnx_export
 from deploy.edge import CHECKSUM_KEY, EdgeClassifier, EdgeModelError
 from models.factory import create_model, resolve_model
 from models.quantize import CalibrationWarning
@@ -135,7 +135,7 @@ def test_export_warns_about_too_few_calibration_images(trained_run, tmp_path, mo
     def stop(*args, **kwargs):
         raise Stop("stopped after calibration")
 
-    monkeypatch.setattr(onnx_export, "export_onnx", stop)
+    monkeypatch.setattr(formats, "export_onnx", stop)  # the ONNX row's writer: the first export work
     with pytest.warns(CalibrationWarning, match="ONNX INT8 calibrated on only 1 images"):
         assert run_script("export.py", "--checkpoint", trained_run / "best.pt", "--int8", "--calibration-images", "1",
                           "--workers", "0", "--output-dir", tmp_path) == 2

@@ -64,7 +64,7 @@ def test_pnnx_writes_an_fp32_ncnn_model_with_native_hard_activations_and_the_dep
     assert not any(getattr(ncnn_model.net.net.opt, option) for option in FLOAT16_OPTIONS)  # FP32 on every CPU, ARMv8.2 too
     with torch.inference_mode():
         assert (ncnn_model(x) - model(x)).abs().max() <= PARITY_TOLERANCE
-    assert "NCNN FP32 vs PyTorch: max |logit diff| random" in exported["stdout"]
+    assert "ncnn-fp32 vs PyTorch: max |logit diff| random" in exported["stdout"]
 
 
 def test_export_records_an_ncnn_row_and_a_benchmark_row(exported: dict) -> None:
