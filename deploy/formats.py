@@ -1,7 +1,8 @@
 """The export formats as one table: how each artifact is written, loaded in its runtime and stamped with its own
 defect threshold. export.py runs every selected row through the same path: write, parity, score, benchmark.
 
-OpenVINO (and NNCF) are imported on first use of an OpenVINO row: seconds to import that other exports need not pay.
+OpenVINO (and NNCF) and NCNN (and pnnx) are imported on first use of their rows: OpenVINO takes seconds to import,
+and ncnn loaded beside OpenVINO crashed a process that then used OpenVINO (export.py refuses the two in one run).
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import numpy as np
 import torch
 
 from deploy.inference import OnnxModule, save_torchscript_artifact, trace_torchscript
-from deploy.ncnn_export import NcnnModule, export_ncnn, ncnn_bytes, stamp_operating_point_ncnn
 from deploy.onnx_export import deploy_info, export_onnx, quantize_onnx, stamp_operating_point
 from utils.description import RunDescription
 from utils.operating_point import OperatingPoint
@@ -88,9 +88,21 @@ def stamp_torchscript(path: Path, point: OperatingPoint | None) -> None:
     save_torchscript_artifact(scripted, info, path, point)
 
 
+def _ncnn() -> ModuleType:
+    return importlib.import_module("deploy.ncnn_export")
+
+
 def write_ncnn(job: ExportJob, path: Path) -> dict:
-    export_ncnn(job.model, deploy_info(job.description), path)
+    _ncnn().export_ncnn(job.model, deploy_info(job.description), path)
     return {}
+
+
+def load_ncnn(path: Path, threads: int) -> torch.nn.Module:
+    return _ncnn().NcnnModule(path, threads)
+
+
+def stamp_ncnn(path: Path, point: OperatingPoint | None) -> None:
+    _ncnn().stamp_operating_point_ncnn(path, point)
 
 
 def write_openvino(job: ExportJob, path: Path) -> dict:
@@ -121,7 +133,7 @@ def stamp_openvino(path: Path, point: OperatingPoint | None) -> None:
 
 
 def ir_bytes(path: Path) -> int:
-    """An IR on disk: the .xml (graph) plus the .bin (weights)."""
+    """An OpenVINO IR or NCNN model on disk: the graph file (.xml, .param) plus its .bin (weights)."""
     return path.stat().st_size + path.with_suffix(".bin").stat().st_size
 
 
@@ -131,8 +143,7 @@ FORMATS = (
            load_torchscript, stamp_torchscript),
     Format("onnx-int8", "onnxruntime-int8", ".int8.onnx", ("int8",), "onnxruntime", write_onnx_int8, OnnxModule,
            stamp_operating_point, gated=False),
-    Format("ncnn-fp32", "ncnn-fp32", ".ncnn.param", ("ncnn",), "ncnn", write_ncnn, NcnnModule, stamp_operating_point_ncnn,
-           size_of=ncnn_bytes),
+    Format("ncnn-fp32", "ncnn-fp32", ".ncnn.param", ("ncnn",), "ncnn", write_ncnn, load_ncnn, stamp_ncnn, size_of=ir_bytes),
     Format("openvino-fp32", "openvino-fp32", ".xml", ("openvino",), "openvino", write_openvino, load_openvino,
            stamp_openvino, size_of=ir_bytes),
     Format("openvino-int8", "openvino-int8", ".int8.xml", ("openvino", "int8"), "openvino", write_openvino_int8,

@@ -40,10 +40,12 @@ def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The OpenVINO modules first (a stable sort: the rest keeps its order). In one process after the other modules'
-    trainings and exports, OpenVINO's CPU plugin crashed the test process (SIGSEGV, no Python frame); each module
-    passes on its own and export.py/predict.py run OpenVINO in fresh processes."""
-    items.sort(key=lambda item: "openvino" not in item.nodeid.split("::")[0])
+    """The OpenVINO modules first and the NCNN module last (a stable sort: the rest keeps its order): with ncnn loaded
+    in the test process, OpenVINO use crashed it (SIGSEGV, no Python frame); test_ncnn loads ncnn only when it runs."""
+    def rank(item: pytest.Item) -> int:
+        module = item.nodeid.split("::")[0]
+        return 0 if "openvino" in module else 2 if "ncnn" in module else 1
+    items.sort(key=rank)
 
 
 def write_image(path: Path, label: int, rng: np.random.Generator, size: int = 40) -> None:

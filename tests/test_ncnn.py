@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib
 import io
 import json
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -16,12 +18,16 @@ import torch
 from conftest import ROOT, run_script
 from test_edge import NO_TORCH
 
-from deploy.ncnn_export import NcnnModule, layer_types, ncnn_bytes
-from deploy.ncnn_runtime import FLOAT16_OPTIONS
 from deploy.onnx_export import PARITY_TOLERANCE, deploy_info
 from models.factory import model_from_checkpoint
 from utils.checkpoint import load_checkpoint
 from utils.results import read_rows
+
+
+def ncnn_export() -> types.ModuleType:
+    """deploy.ncnn_export, imported when a test needs it: ncnn loaded beside OpenVINO in one process crashed it, so
+    these tests run last (conftest) and load ncnn only then."""
+    return importlib.import_module("deploy.ncnn_export")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +56,7 @@ def without_torch(script: str, *args: object) -> subprocess.CompletedProcess:
 def test_pnnx_writes_an_fp32_ncnn_model_with_native_hard_activations_and_the_deploy_info(exported: dict, trained_run: Path) -> None:
     payload = load_checkpoint(trained_run / "best.pt")
     model = model_from_checkpoint(payload).eval()
-    types = layer_types(exported["param"])
+    types = ncnn_export().layer_types(exported["param"])
     assert types["HardSwish"] > 0 and types["HardSigmoid"] > 0  # timm's hard activations as NCNN's own layers
     assert not {"Clip", "ReLU6", "BatchNorm"} & set(types)  # no chain of ops for them, BatchNorm folded
     assert types["Input"] == 1 and sum(types.values()) < 200
@@ -60,8 +66,9 @@ def test_pnnx_writes_an_fp32_ncnn_model_with_native_hard_activations_and_the_dep
     assert {**info, "operating_point": None} == {**deploy_info(payload["description"]), "operating_point": None}
     assert 0 <= info["operating_point"]["threshold"] <= 1
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    ncnn_model = NcnnModule(exported["param"], 1)
-    assert not any(getattr(ncnn_model.net.net.opt, option) for option in FLOAT16_OPTIONS)  # FP32 on every CPU, ARMv8.2 too
+    ncnn_model = ncnn_export().NcnnModule(exported["param"], 1)
+    fp16_options = importlib.import_module("deploy.ncnn_runtime").FLOAT16_OPTIONS
+    assert not any(getattr(ncnn_model.net.net.opt, option) for option in fp16_options)  # FP32 on every CPU, ARMv8.2 too
     with torch.inference_mode():
         assert (ncnn_model(x) - model(x)).abs().max() <= PARITY_TOLERANCE
     assert "ncnn-fp32 vs PyTorch: max |logit diff| random" in exported["stdout"]
@@ -73,7 +80,7 @@ def test_export_records_an_ncnn_row_and_a_benchmark_row(exported: dict) -> None:
     assert set(rows) == {"onnx-fp32", "ncnn-fp32"}
     row = rows["ncnn-fp32"]
     assert row["checkpoint"] == str(exported["param"]) and float(row["latency_ms_1t"]) > 0
-    assert float(row["file_mb"]) == round(ncnn_bytes(exported["param"]) / 2**20, 4)
+    assert float(row["file_mb"]) == round(ncnn_export().ncnn_bytes(exported["param"]) / 2**20, 4)
     assert row["test_acc"] == rows["onnx-fp32"]["test_acc"]
     sidecar = json.loads((out / "model.ncnn.json").read_text())
     assert float(row["threshold"]) == pytest.approx(sidecar["operating_point"]["threshold"], abs=1e-6)
