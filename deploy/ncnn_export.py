@@ -26,11 +26,6 @@ from utils.operating_point import OperatingPoint
 log = logging.getLogger(__name__)
 
 
-def ncnn_bytes(path: Path) -> int:
-    """Size of an NCNN model on disk: the .param (graph) plus the .bin (weights)."""
-    return path.stat().st_size + ncnn_files(path)[0].stat().st_size
-
-
 def layer_types(path: Path) -> Counter:
     """How many layers of each type the .param holds (its first two lines are the magic number and the counts)."""
     return Counter(line.split()[0] for line in path.read_text().splitlines()[2:] if line.strip())

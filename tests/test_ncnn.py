@@ -18,6 +18,7 @@ import torch
 from conftest import ROOT, run_script
 from test_edge import NO_TORCH
 
+from deploy.formats import ir_bytes
 from deploy.onnx_export import PARITY_TOLERANCE, deploy_info
 from models.factory import model_from_checkpoint
 from utils.checkpoint import load_checkpoint
@@ -80,7 +81,7 @@ def test_export_records_an_ncnn_row_and_a_benchmark_row(exported: dict) -> None:
     assert set(rows) == {"onnx-fp32", "ncnn-fp32"}
     row = rows["ncnn-fp32"]
     assert row["checkpoint"] == str(exported["param"]) and float(row["latency_ms_1t"]) > 0
-    assert float(row["file_mb"]) == round(ncnn_export().ncnn_bytes(exported["param"]) / 2**20, 4)
+    assert float(row["file_mb"]) == round(ir_bytes(exported["param"]) / 2**20, 4)
     assert row["test_acc"] == rows["onnx-fp32"]["test_acc"]
     sidecar = json.loads((out / "model.ncnn.json").read_text())
     assert float(row["threshold"]) == pytest.approx(sidecar["operating_point"]["threshold"], abs=1e-6)
