@@ -32,7 +32,7 @@ def read_ir(path: Path | str) -> tuple[ov.Model, dict]:
         raise EdgeModelError(f"'{path}' is not an OpenVINO IR: pass the model.xml written by export.py --openvino "
                              "(its model.bin beside it)")
     try:
-        model = ov.Core().read_model(path)
+        model = _core().read_model(path)
     except Exception as error:  # OpenVINO raises RuntimeError subclasses with multi-line messages
         raise EdgeModelError(f"'{path}' (with its {path.with_suffix('.bin').name}) is not a readable OpenVINO IR: "
                              f"{openvino_reason(error)}") from None
@@ -41,6 +41,15 @@ def read_ir(path: Path | str) -> tuple[ov.Model, dict]:
     if model.has_rt_info([CHECKSUM_KEY]):
         check_checksum(path.with_suffix(".bin"), model.get_rt_info([CHECKSUM_KEY]).astype(str), file_sha256(path.with_suffix(".bin")))
     return model, read_info_json(model.get_rt_info([METADATA_KEY]).astype(str), path)
+
+
+def _core() -> ov.Core:
+    """A CPU runtime that reads the weights into memory instead of mapping the .bin: a .bin replaced or cut short
+    while its model is alive (a copy over a running service's files) cannot crash the process, and the checksum
+    checked at load is of the weights that run."""
+    core = ov.Core()
+    core.set_property({"ENABLE_MMAP": False})
+    return core
 
 
 def openvino_reason(error: Exception) -> str:
@@ -59,7 +68,7 @@ def dims(port: ov.Output) -> list[int | None]:
 def compile_ir(model: ov.Model, threads: int) -> ov.CompiledModel:
     """The IR compiled for the CPU with ``threads`` inference threads and float32 arithmetic outside the INT8 ops:
     the CPU plugin's default is bf16 on x86 CPUs with bf16 support and f16 on ARM, which moved the logits by ~5e-3."""
-    return ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
+    return _core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
 
 
 class OpenVinoClassifier(ExportedClassifier):
