@@ -116,7 +116,7 @@ def test_every_flag_a_checkpoint_pins_is_refused_when_it_contradicts_it(script, 
 
 
 @pytest.mark.parametrize("script, flags, expected", [
-    ("export.py", ["--checkpoint", "{best}", "--device", "cuda"], "unrecognized arguments: --device"),
+    ("export.py", ["--checkpoint", "{best}", "--amp"], "unrecognized arguments: --amp"),
     ("export.py", ["--checkpoint", "{best}", "--augment", "2"], "unrecognized arguments: --augment"),
     ("export.py", ["--checkpoint", "{best}", "--runs", "5"], "--runs: sets the --benchmark timing runs"),
     ("export.py", ["--checkpoint", "{best}", "--calibration-images", "5"], "--calibration-images: calibrates the INT8"),
