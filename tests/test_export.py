@@ -15,6 +15,7 @@ from conftest import run_script
 from deploy.inference import OnnxModule
 from deploy.onnx_export import PARITY_TOLERANCE, read_deploy_info
 from models.factory import model_from_checkpoint
+from models.quantize import CalibrationWarning
 from utils.checkpoint import load_checkpoint
 from utils.results import read_rows
 
@@ -26,7 +27,7 @@ def exported(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     """One export.py call with every option; returns its output folder, ONNX paths and stdout."""
     out = tmp_path_factory.mktemp("export")
     stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
+    with contextlib.redirect_stdout(stdout), pytest.warns(CalibrationWarning, match="calibrated on only 16 images"):
         code = run_script("export.py", "--checkpoint", trained_run / "best.pt", "--out", out / "model.onnx", "--int8",
                           "--torchscript", "--benchmark", "--runs", "5", "--calibration-images", "16", "--workers", "0",
                           "--output-dir", out / "runs")

@@ -25,6 +25,7 @@ _progress_logger = logging.getLogger("utils.progress")
 # documents the choice (docs/quantization.md).
 THIRD_PARTY_WARNINGS = (
     ("ignore", r"`torch\.jit\.script` is deprecated", FutureWarning, r""),
+    ("ignore", r"`torch\.jit\.load` is deprecated", FutureWarning, r""),  # loading the TorchScript artifacts
     ("ignore", r"torch\.ao\.quantization is deprecated", DeprecationWarning, r""),
     ("ignore", r"torch\.quantize_per_tensor, torch\.quantize_per_channel", UserWarning, r""),
     ("ignore", r"Please use quant_min and quant_max", UserWarning, r""),
