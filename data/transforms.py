@@ -1,10 +1,16 @@
 """Augmentation versions 0-3 (albumentations) and the shared eval preprocessing."""
 from __future__ import annotations
 
-import albumentations as A
-import cv2
-import numpy as np
-import torch
+import os
+
+# albumentations asks PyPI for a newer version at import (up to 2 s per process, a warning per spawned worker when
+# offline): a training machine on a factory network must not wait on it or leak requests.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 AUGMENT_VERSIONS = (0, 1, 2, 3)
 

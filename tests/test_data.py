@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLES, make_nested_dataset, write_image
+from conftest import ROOT, SAMPLES, make_nested_dataset, write_image
 
 from data.images import load_images
 from data.loading import SplitRequest, load_data
@@ -182,3 +185,19 @@ def test_class_name_of_follows_the_three_layouts():
     assert class_name_of("I_07_022.jpg") == "Stain and damage"
     assert class_name_of("Normal/img.jpg") == "Normal"
     assert class_name_of("I_11_022.jpg") is None and class_name_of("photo.jpg") is None
+
+
+def test_importing_the_augmentations_asks_no_server_for_updates():
+    """albumentations checks PyPI at import unless told not to: an offline line machine must not wait on it."""
+    probe = ("import urllib.request\n"
+             "asked = []\n"
+             "def refuse(self, request, *args, **kwargs):\n"
+             "    asked.append(getattr(request, 'full_url', request))\n"
+             "    raise OSError('no network in this test')\n"
+             "urllib.request.OpenerDirector.open = refuse\n"
+             "import data.transforms\n"
+             "print(asked)\n")
+    env = {key: value for key, value in os.environ.items() if key != "NO_ALBUMENTATIONS_UPDATE"}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]", done.stdout

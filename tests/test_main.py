@@ -28,11 +28,14 @@ from utils.description import RunDescription, SyntheticSource
 from utils.distributed import Runtime
 from utils.results import COLUMNS, append_result, read_rows
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+def script_env() -> dict[str, str]:
+    """The environment now (with the test run's private cache folder), offline and on one thread."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 def cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def test_run_folder_holds_checkpoints_reports_and_a_results_row(trained_run):
@@ -100,7 +103,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_dataset, tmp_path):
 
     out = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "main.py", *map(str, flags), "--output-dir", str(out)],
-                               cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               cwd=ROOT, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     while not list(out.glob("main/*/last.pt")) and time.time() < deadline:
         time.sleep(0.02)
@@ -136,7 +139,7 @@ def test_ddp_two_processes_on_cpu(tiny_dataset, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "main.py",
          *map(str, TINY_TRAIN), "--data-root", str(tiny_dataset), "--epochs", "1", "--output-dir", str(tmp_path)],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     runs = list((tmp_path / "main").iterdir())
