@@ -93,7 +93,7 @@ def main(args: argparse.Namespace) -> None:
     if runtime.distributed:
         raise PruningError("prune.py runs in one process: start it with python, not torchrun")
     seed_everything(config.seed)
-    model = model_from_checkpoint(checkpoint)
+    model = model_from_checkpoint(checkpoint).to(runtime.device)  # pruned, evaluated and fine-tuned where it trains
     unpruned = copy.deepcopy(model)
     img_size = config.data.img_size
     base_flops = count_flops(model, img_size)

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data.cache import cache_root
 from data.loading import DataBundle, SplitRequest, load_data, make_loader
-from data.synthetic import SyntheticSet, ensure_synthetic
+from data.synthetic import SyntheticSet, ensure_synthetic, generated_label
 from data.transforms import Preprocess
 from engine.config import RunConfig, TrainConfig
 from engine.loop import EvalOutput, FitConfig, FitResult, Hooks, LossFn, evaluate, fit, smoothed_cross_entropy, unwrap
@@ -53,7 +53,7 @@ def prepare_data(config: RunConfig, runtime: Runtime, init: RunDescription | Non
         root = make()
     request = SplitRequest(config.seed, stored.split if stored else None, config.data.test_fabrics, config.data.fabrics,
                            config.data.add_data)
-    bundle = load_data(root, config.data.img_size, request, dataset=synthetic.label if synthetic else "real",
+    bundle = load_data(root, config.data.img_size, request, dataset=synthetic.label if synthetic else generated_label(root) or "real",
                        class_names=(stored or init).class_names if stored or init else None, progress=runtime.is_main)
     bundle.synthetic = synthetic
     if init is not None:

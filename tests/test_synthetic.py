@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from data.stitchingnet import CLASSES, FABRICS, class_folder
@@ -20,9 +21,13 @@ from data.synthetic import (
     SyntheticSet,
     ensure_synthetic,
     generate,
+    generated_label,
     plan_counts,
     render_image,
 )
+from engine.config import resolve
+from engine.run import prepare_data
+from utils.distributed import Runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -179,3 +184,16 @@ def test_cli_writes_the_set_and_prints_one_line(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     assert run.stdout == f"wrote {len(CLASSES)} images to {tmp_path}\n" and run.stderr == ""  # -q: no progress bar
     assert len(files(tmp_path)) == len(CLASSES)
+
+
+def test_a_generated_set_given_as_data_root_is_labelled_synthetic_not_real(cached: Path, tiny_dataset: Path, tmp_path: Path):
+    """Figures measured on generated images must never reach the results table as real data."""
+    request = {"img_size": SIZE, "epochs": 1}
+    bundle = prepare_data(resolve({**request, "data_root": str(cached)}), Runtime(torch.device("cpu")))
+    assert bundle.dataset == "synthetic"
+    assert prepare_data(resolve({**request, "data_root": str(tiny_dataset)}), Runtime(torch.device("cpu"))).dataset == "real"
+    zoomed = tmp_path / "zoomed"
+    generate(zoomed, SyntheticSet(per_class=1, seed=3, img_size=SIZE, zoom=2, fabrics="A"), workers=1, progress=False)
+    assert generated_label(zoomed) == "synthetic-zoom2"
+    (zoomed / MARKER).write_text("{not json")
+    assert generated_label(zoomed) is None and generated_label(tiny_dataset) is None

@@ -11,10 +11,11 @@ from data.synthetic.generate import (
     SyntheticSet,
     ensure_synthetic,
     generate,
+    generated_label,
     image_name,
     plan_counts,
 )
 from data.synthetic.render import MAX_ZOOM, MIN_IMG_SIZE, image_rng, render, render_image, write_preview
 
 __all__ = ["GENERATOR_VERSION", "MARKER", "MAX_ZOOM", "MIN_IMG_SIZE", "REAL_TOTAL", "SyntheticSet", "ensure_synthetic", "generate",
-           "image_name", "image_rng", "plan_counts", "render", "render_image", "write_preview"]
+           "generated_label", "image_name", "image_rng", "plan_counts", "render", "render_image", "write_preview"]

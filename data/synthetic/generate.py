@@ -14,6 +14,7 @@ from pathlib import Path
 
 from data.stitchingnet import CLASSES, FABRICS, class_folder
 from data.synthetic.render import MAX_ZOOM, MIN_IMG_SIZE, render_image
+from utils.description import SyntheticSource
 from utils.logs import progress as progress_bar
 
 GENERATOR_VERSION = "2"
@@ -93,6 +94,16 @@ class SyntheticSet:
         zoomed = f"-zoom{self.zoom:g}" if self.zoom != 1 else ""
         subset = f"-fabrics-{self.fabrics}" if self.fabrics else ""
         return f"synthetic-v{GENERATOR_VERSION}-{size}-s{self.seed}-{self.img_size}px{zoomed}{subset}"
+
+
+def generated_label(root: Path) -> str | None:
+    """The results label ("synthetic", "synthetic-zoom4") of a folder this generator wrote (it holds the completion
+    marker), so a generated set given as ``--data-root`` is never recorded as real data; None for any other folder."""
+    try:
+        marker = json.loads((Path(root) / MARKER).read_text())
+        return SyntheticSource(marker.get("per_class"), int(marker["img_size"]), float(marker.get("zoom", 1))).label
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def generate(out_dir: Path, spec: SyntheticSet, workers: int | None = None, progress: bool = True) -> int:
