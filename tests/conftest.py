@@ -1,11 +1,13 @@
 """Shared fixtures: tiny datasets written by the tests and one tiny trained checkpoint."""
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import runpy
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,30 @@ def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XDG_CACHE_HOME", str(folder))
         yield folder
+
+
+class _SignalStack(ctypes.Structure):  # stack_t of sigaltstack(2)
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+def signal_stack_is_mapped() -> bool:
+    """Whether this thread's alternate signal stack, if it has one, lies in mapped memory (Linux): Python runs its
+    signal handlers on it, so an unmapped one turns the next signal into SIGSEGV (deploy/openvino_runtime.py)."""
+    stack = _SignalStack()
+    assert ctypes.CDLL(None).sigaltstack(None, ctypes.byref(stack)) == 0
+    if stack.ss_flags & 2 or not stack.ss_sp:  # SS_DISABLE: none
+        return True
+    with open("/proc/self/maps") as maps:
+        ranges = [tuple(int(end, 16) for end in line.split()[0].split("-")) for line in maps]
+    return any(low <= stack.ss_sp and stack.ss_sp + stack.ss_size <= high for low, high in ranges)
+
+
+@pytest.fixture(autouse=True)
+def signal_stack_left_mapped() -> Iterator[None]:
+    """Each test leaves the alternate signal stack mapped, so a test that breaks it fails itself instead of a later one
+    dying of SIGSEGV with no Python frame at the next signal."""
+    yield
+    assert signal_stack_is_mapped(), "this thread's alternate signal stack is unmapped: see deploy/openvino_runtime.py"
 
 
 # OpenVINO's tests run in a process of their own (tests/test_openvino_process.py): after OpenVINO had run in the test
