@@ -65,23 +65,6 @@ def signal_stack_left_mapped() -> Iterator[None]:
     assert signal_stack_is_mapped(), "this thread's alternate signal stack is unmapped: see deploy/openvino_runtime.py"
 
 
-# OpenVINO's tests run in a process of their own (tests/test_openvino_process.py): after OpenVINO had run in the test
-# process beside the other modules' trainings and exports, that process crashed (SIGSEGV, no Python frame) at
-# varying later tests; every module passes on its own, and the scripts run OpenVINO in processes of their own.
-OPENVINO_TESTS = ("tests/test_openvino.py", "tests/test_openvino_accuracy_control.py",
-                  "tests/test_checked_files.py::test_an_openvino_bin_damaged_or_truncated_after_export_is_one_clear_line")
-OPENVINO_PROCESS = "STITCHDEFECT_OPENVINO_PROCESS"
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Outside the OpenVINO process, leave its tests out; NCNN's module runs last (it loads ncnn when it runs)."""
-    if not os.environ.get(OPENVINO_PROCESS):
-        kept = [item for item in items if not item.nodeid.startswith(OPENVINO_TESTS)]
-        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
-        items[:] = kept
-    items.sort(key=lambda item: "test_ncnn" in item.nodeid)
-
-
 def write_image(path: Path, label: int, rng: np.random.Generator, size: int = 40) -> None:
     """A small JPEG whose mean colour depends on the class, so tiny runs can learn something."""
     path.parent.mkdir(parents=True, exist_ok=True)
