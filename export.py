@@ -109,9 +109,6 @@ def latency_ms(module: torch.nn.Module, img_size: int) -> float:
 def check_flags(args: argparse.Namespace) -> None:
     if args.max_drop is not None and not (args.openvino and args.int8):
         raise UserError("--max-drop bounds the accuracy loss of the OpenVINO INT8 model: add --openvino --int8")
-    if args.ncnn and args.openvino:
-        raise UserError("--ncnn with --openvino: export them in two export.py runs (ncnn loaded beside OpenVINO crashed "
-                        "the process that then used OpenVINO)")
     if args.torch_int8 and not args.benchmark:
         raise CheckpointError("--torch-int8 is only used by --benchmark: add --benchmark")
     unused = {"runs": "sets the --benchmark timing runs: add --benchmark"} if not args.benchmark else {}

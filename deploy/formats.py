@@ -1,8 +1,8 @@
 """The export formats as one table: how each artifact is written, loaded in its runtime and stamped with its own
 defect threshold. export.py runs every selected row through the same path: write, parity, score, benchmark.
 
-OpenVINO (and NNCF) and NCNN (and pnnx) are imported on first use of their rows: OpenVINO takes seconds to import,
-and ncnn loaded beside OpenVINO crashed a process that then used OpenVINO (export.py refuses the two in one run).
+OpenVINO (and NNCF) and NCNN (and pnnx) are imported on first use of their rows: seconds of imports that the other
+exports need not pay.
 """
 from __future__ import annotations
 

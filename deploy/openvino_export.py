@@ -21,7 +21,7 @@ import torch
 
 from deploy.edge import CHECKSUM_KEY, METADATA_KEY, all_threads, file_sha256
 from deploy.onnx_export import read_deploy_info
-from deploy.openvino_runtime import compile_ir, openvino_reason, read_ir
+from deploy.openvino_runtime import compile_ir, kept_signal_stack, openvino_reason, read_ir
 from utils.io import WriteError, atomic_path
 from utils.operating_point import OperatingPoint
 
@@ -68,7 +68,8 @@ def quantize_openvino(fp32: ov.Model, info: dict, path: Path, calibration: np.nd
     activations, fast bias correction) calibrated on ``calibration`` (N, 3, H, W float32, one image per step);
     returns the model written to ``path``."""
     dataset = nncf.Dataset([np.ascontiguousarray(image[None], dtype=np.float32) for image in calibration])
-    quantized = nncf.quantize(fp32, dataset, subset_size=len(calibration))
+    with kept_signal_stack():
+        quantized = nncf.quantize(fp32, dataset, subset_size=len(calibration))
     save_ir(quantized, info, path)
     return quantized
 
@@ -112,9 +113,10 @@ def quantize_openvino_with_accuracy_control(fp32: ov.Model, info: dict, path: Pa
     val_acc_fp32 = top1_accuracy(compile_ir(fp32, all_threads()), items)[0]
     calibration_set = nncf.Dataset([np.ascontiguousarray(image[None], dtype=np.float32) for image in calibration])
     validation_set = nncf.Dataset(items, lambda item: item[0])
-    quantized = nncf.quantize_with_accuracy_control(
-        fp32, calibration_set, validation_set, top1_accuracy, max_drop=max_drop / 100, drop_type=nncf.DropType.ABSOLUTE,
-        subset_size=len(calibration))
+    with kept_signal_stack():
+        quantized = nncf.quantize_with_accuracy_control(
+            fp32, calibration_set, validation_set, top1_accuracy, max_drop=max_drop / 100,
+            drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calibration))
     val_acc = top1_accuracy(compile_ir(quantized, all_threads()), items)[0]
     reverted, layers = float_layers(quantized)
     log.info("OpenVINO INT8 (--max-drop %g): %d of %d conv/matmul layers in float%s", max_drop, len(reverted), layers,

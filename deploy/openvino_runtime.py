@@ -5,6 +5,11 @@ The IR carries the deploy info (class names, mean/std, img_size) in its rt_info 
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,13 +48,54 @@ def read_ir(path: Path | str) -> tuple[ov.Model, dict]:
     return model, read_info_json(model.get_rt_info([METADATA_KEY]).astype(str), path)
 
 
+# On Linux each OpenVINO CPU plugin (one per ov.Core, loaded by its first compile) gives the thread that loads it an
+# alternate signal stack of its own (room for AMX state) and, when unloaded, puts back the stack it found there, or only
+# unmaps its own if another plugin's is current by then. Two plugins unloaded in the order they were loaded (a Core per
+# compiled model, the models freed oldest first) leave the thread on an unmapped stack, and Python runs every signal
+# handler there (Ctrl-C, a SIGCHLD handler, faulthandler's own SIGSEGV): the next signal kills the process with SIGSEGV
+# and no Python frame, or writes over whatever was mapped at that address since. Hence one Core for every IR this
+# toolkit compiles (its plugin is loaded once and kept until exit), and the thread's stack kept around NNCF, whose
+# Cores come and go inside its calls (kept_signal_stack).
+
+
+@functools.cache
 def _core() -> ov.Core:
-    """A CPU runtime that reads the weights into memory instead of mapping the .bin: a .bin replaced or cut short
-    while its model is alive (a copy over a running service's files) cannot crash the process, and the checksum
-    checked at load is of the weights that run."""
+    """The process's one OpenVINO runtime, made on first use and kept until exit (see above).
+
+    It reads the weights into memory instead of mapping the .bin: a .bin replaced or cut short while its model is
+    alive (a copy over a running service's files) cannot crash the process, and the checksum checked at load is of the
+    weights that run."""
     core = ov.Core()
     core.set_property({"ENABLE_MMAP": False})
     return core
+
+
+class _SignalStack(ctypes.Structure):  # stack_t of sigaltstack(2)
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+SS_DISABLE = 2  # stack_t.ss_flags: no alternate stack
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+@contextlib.contextmanager
+def kept_signal_stack() -> Iterator[None]:
+    """Run the block (NNCF, which makes and drops OpenVINO Cores of its own) and give this thread back the alternate
+    signal stack it had before, whatever the block's plugins left: a stack unmapped by then is never used. Plugins still
+    alive afterwards find their stack no longer current and only unmap it. Linux only (elsewhere OpenVINO leaves the
+    signal stack alone)."""
+    if _LIBC is None:
+        yield
+        return
+    kept = _SignalStack()
+    if _LIBC.sigaltstack(None, ctypes.byref(kept)) != 0:
+        yield
+        return
+    kept.ss_flags &= SS_DISABLE  # drop SS_ONSTACK, a state, not a setting
+    try:
+        yield
+    finally:
+        _LIBC.sigaltstack(ctypes.byref(kept), None)
 
 
 def openvino_reason(error: Exception) -> str:

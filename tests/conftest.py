@@ -1,11 +1,13 @@
 """Shared fixtures: tiny datasets written by the tests and one tiny trained checkpoint."""
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import runpy
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -39,21 +41,28 @@ def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         yield folder
 
 
-# OpenVINO's tests run in a process of their own (tests/test_openvino_process.py): after OpenVINO had run in the test
-# process beside the other modules' trainings and exports, that process crashed (SIGSEGV, no Python frame) at
-# varying later tests; every module passes on its own, and the scripts run OpenVINO in processes of their own.
-OPENVINO_TESTS = ("tests/test_openvino.py", "tests/test_openvino_accuracy_control.py",
-                  "tests/test_checked_files.py::test_an_openvino_bin_damaged_or_truncated_after_export_is_one_clear_line")
-OPENVINO_PROCESS = "STITCHDEFECT_OPENVINO_PROCESS"
+class _SignalStack(ctypes.Structure):  # stack_t of sigaltstack(2)
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Outside the OpenVINO process, leave its tests out; NCNN's module runs last (it loads ncnn when it runs)."""
-    if not os.environ.get(OPENVINO_PROCESS):
-        kept = [item for item in items if not item.nodeid.startswith(OPENVINO_TESTS)]
-        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
-        items[:] = kept
-    items.sort(key=lambda item: "test_ncnn" in item.nodeid)
+def signal_stack_is_mapped() -> bool:
+    """Whether this thread's alternate signal stack, if it has one, lies in mapped memory (Linux): Python runs its
+    signal handlers on it, so an unmapped one turns the next signal into SIGSEGV (deploy/openvino_runtime.py)."""
+    stack = _SignalStack()
+    assert ctypes.CDLL(None).sigaltstack(None, ctypes.byref(stack)) == 0
+    if stack.ss_flags & 2 or not stack.ss_sp:  # SS_DISABLE: none
+        return True
+    with open("/proc/self/maps") as maps:
+        ranges = [tuple(int(end, 16) for end in line.split()[0].split("-")) for line in maps]
+    return any(low <= stack.ss_sp and stack.ss_sp + stack.ss_size <= high for low, high in ranges)
+
+
+@pytest.fixture(autouse=True)
+def signal_stack_left_mapped() -> Iterator[None]:
+    """Each test leaves the alternate signal stack mapped, so a test that breaks it fails itself instead of a later one
+    dying of SIGSEGV with no Python frame at the next signal."""
+    yield
+    assert signal_stack_is_mapped(), "this thread's alternate signal stack is unmapped: see deploy/openvino_runtime.py"
 
 
 def write_image(path: Path, label: int, rng: np.random.Generator, size: int = 40) -> None:

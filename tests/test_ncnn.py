@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import importlib
 import io
 import json
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -19,16 +17,12 @@ from conftest import ROOT, run_script
 from test_edge import NO_TORCH
 
 from deploy.formats import ir_bytes
+from deploy.ncnn_export import NcnnModule, layer_types
+from deploy.ncnn_runtime import FLOAT16_OPTIONS
 from deploy.onnx_export import PARITY_TOLERANCE, deploy_info
 from models.factory import model_from_checkpoint
 from utils.checkpoint import load_checkpoint
 from utils.results import read_rows
-
-
-def ncnn_export() -> types.ModuleType:
-    """deploy.ncnn_export, imported when a test needs it: ncnn loaded beside OpenVINO in one process crashed it, so
-    these tests run last (conftest) and load ncnn only then."""
-    return importlib.import_module("deploy.ncnn_export")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +51,7 @@ def without_torch(script: str, *args: object) -> subprocess.CompletedProcess:
 def test_pnnx_writes_an_fp32_ncnn_model_with_native_hard_activations_and_the_deploy_info(exported: dict, trained_run: Path) -> None:
     payload = load_checkpoint(trained_run / "best.pt")
     model = model_from_checkpoint(payload).eval()
-    types = ncnn_export().layer_types(exported["param"])
+    types = layer_types(exported["param"])
     assert types["HardSwish"] > 0 and types["HardSigmoid"] > 0  # timm's hard activations as NCNN's own layers
     assert not {"Clip", "ReLU6", "BatchNorm"} & set(types)  # no chain of ops for them, BatchNorm folded
     assert types["Input"] == 1 and sum(types.values()) < 200
@@ -67,9 +61,8 @@ def test_pnnx_writes_an_fp32_ncnn_model_with_native_hard_activations_and_the_dep
     assert {**info, "operating_point": None} == {**deploy_info(payload["description"]), "operating_point": None}
     assert 0 <= info["operating_point"]["threshold"] <= 1
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    ncnn_model = ncnn_export().NcnnModule(exported["param"], 1)
-    fp16_options = importlib.import_module("deploy.ncnn_runtime").FLOAT16_OPTIONS
-    assert not any(getattr(ncnn_model.net.net.opt, option) for option in fp16_options)  # FP32 on every CPU, ARMv8.2 too
+    ncnn_model = NcnnModule(exported["param"], 1)
+    assert not any(getattr(ncnn_model.net.net.opt, option) for option in FLOAT16_OPTIONS)  # FP32 on every CPU, ARMv8.2 too
     with torch.inference_mode():
         assert (ncnn_model(x) - model(x)).abs().max() <= PARITY_TOLERANCE
     assert "ncnn-fp32 vs PyTorch: max |logit diff| random" in exported["stdout"]

@@ -31,6 +31,21 @@ RELOAD = "import sys; sys.modules['torch'] = sys.modules['timm'] = None; import 
          "for name in sys.argv[2:]: np.save(f'{folder}/{name}.npy', compile_ir(read_ir(f'{folder}/{name}.xml')[0], 1)(x)[0])"
 
 
+# Compiles one tiny IR twice, frees the older first, then takes a Ctrl-C; imports neither torch nor timm.
+FREED_IN_ORDER = "import signal, sys; sys.modules['torch'] = sys.modules['timm'] = None; import numpy as np; " \
+                 "import openvino as ov, openvino.opset13 as ops; from deploy.openvino_runtime import compile_ir\n" \
+                 "x = ops.parameter([1, 4], np.float32, name='input'); model = ov.Model([ops.relu(x)], [x])\n" \
+                 "first, second = compile_ir(model, 1), compile_ir(model, 1); del first, second\n" \
+                 "try: signal.raise_signal(signal.SIGINT)\nexcept KeyboardInterrupt: pass\nelse: sys.exit('no KeyboardInterrupt')"
+
+
+def test_compiled_irs_freed_in_any_order_leave_the_process_able_to_take_a_signal() -> None:
+    """Each ov.Core loads its own CPU plugin, which swaps the thread's alternate signal stack for its own and puts back
+    the one it found when unloaded: two Cores' plugins unloaded oldest first left a freed stack, and the next signal
+    (Ctrl-C, SIGCHLD, faulthandler's SIGSEGV) killed the process with SIGSEGV and no Python frame. One Core, one plugin."""
+    run_in_fresh_process(FREED_IN_ORDER)
+
+
 @pytest.fixture(scope="module")
 def irs(onnx_file: Path, trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """FP32 and INT8 IRs of the tiny model written by the export functions, with the logits of the models in memory."""
