@@ -216,8 +216,11 @@ class EdgeClassifier(ExportedClassifier):
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as error:  # ORT raises several types for a file that is not a model
-            raise EdgeModelError(f"'{path}' is not a readable ONNX model ({type(error).__name__}: "
-                                 f"{str(error).splitlines()[0]})") from None
+            reason = str(error).splitlines()[0]
+            if "Unsupported model IR version" in reason:  # an older runtime on the device than the one that exported
+                raise EdgeModelError(f"'{path}' is newer than this onnxruntime {ort.__version__} can read ({reason.split(') ')[-1]}"
+                                     "): pip install -r requirements-edge.txt") from None
+            raise EdgeModelError(f"'{path}' is not a readable ONNX model ({type(error).__name__}: {reason})") from None
         metadata = self.session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in metadata:
             raise EdgeModelError(f"'{path}' has no class names or preprocessing metadata: export it with export.py")

@@ -342,6 +342,17 @@ def test_damaged_metadata_is_one_error_line_before_any_prediction(stub: Path, vi
         assert not captured.out
 
 
+def test_a_model_newer_than_the_devices_onnxruntime_says_to_upgrade(stub: Path, video: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """A Pi whose onnxruntime is older than the exporting machine's gets the fix, not ORT's C++ signature."""
+    model = onnx.load(stub)
+    model.ir_version = 99
+    onnx.save(model, tmp_path / "newer.onnx")
+    assert run_script("predict.py", "--onnx", tmp_path / "newer.onnx", video.parent) == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert "IR version: 99" in err and err.endswith("pip install -r requirements-edge.txt") and "onnxruntime::" not in err
+
+
 def test_a_model_giving_nan_fails_closed(stub: Path, video: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """NaN weights give NaN scores: every frame is a defect, never 'normal'."""
     model = onnx.load(stub)
