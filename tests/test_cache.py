@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -165,3 +166,19 @@ def test_splits_and_loader_workers_read_the_one_mapped_array(tiny_dataset):
     expected = torch.stack([preprocess(image) for image in test.images])
     loader = make_loader(test, preprocess, batch_size=8, workers=2, train=False, seed=0)
     assert torch.equal(torch.cat([images for images, _ in loader]), expected)
+
+
+def test_the_cache_of_a_deleted_dataset_is_removed_when_another_is_built(source, tmp_path, caplog):
+    root, rel = source
+    cache = tmp_path / "cache"
+    gone = make_nested_dataset(tmp_path / "gone", fabrics="C", per_class=1)
+    cached_images(gone, sorted(str(p.relative_to(gone)) for p in gone.rglob("*.jpg")), SIZE, progress=False, cache_dir=cache)
+    cached_images(root, rel, SIZE, progress=False, cache_dir=cache)
+    assert len(list(cache.glob("*.u8"))) == 2  # both roots exist: both kept
+    shutil.rmtree(gone)
+    with caplog.at_level(logging.INFO, logger="data.cache"):
+        cached_images(root, rel, 2 * SIZE, progress=False, cache_dir=cache)
+    assert {p.name.split("-")[0] for p in cache.iterdir()} == {"data"}  # the two sizes of 'data' stay, 'gone' is removed
+    assert len(list(cache.glob("*.u8"))) == 2 and any("the folder is gone" in r.getMessage() for r in caplog.records)
+    images, kept = cached_images(root, rel, SIZE, progress=False, cache_dir=cache)  # still mapped, not decoded again
+    assert isinstance(images, MappedImages) and kept == rel
