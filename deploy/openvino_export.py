@@ -21,9 +21,10 @@ import torch
 
 from deploy.edge import CHECKSUM_KEY, METADATA_KEY, all_threads, file_sha256
 from deploy.onnx_export import read_deploy_info
-from deploy.openvino_runtime import compile_ir, kept_signal_stack, openvino_reason, read_ir
+from deploy.openvino_runtime import compile_ir, openvino_reason, read_ir
 from utils.io import WriteError, atomic_path
 from utils.operating_point import OperatingPoint
+from utils.signal_stack import kept_signal_stack
 
 log = logging.getLogger(__name__)
 

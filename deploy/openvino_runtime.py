@@ -5,11 +5,7 @@ The IR carries the deploy info (class names, mean/std, img_size) in its rt_info 
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import functools
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +51,7 @@ def read_ir(path: Path | str) -> tuple[ov.Model, dict]:
 # handler there (Ctrl-C, a SIGCHLD handler, faulthandler's own SIGSEGV): the next signal kills the process with SIGSEGV
 # and no Python frame, or writes over whatever was mapped at that address since. Hence one Core for every IR this
 # toolkit compiles (its plugin is loaded once and kept until exit), and the thread's stack kept around NNCF, whose
-# Cores come and go inside its calls (kept_signal_stack).
+# Cores come and go inside its calls (utils.signal_stack.kept_signal_stack, around NNCF in deploy.openvino_export).
 
 
 @functools.cache
@@ -68,34 +64,6 @@ def _core() -> ov.Core:
     core = ov.Core()
     core.set_property({"ENABLE_MMAP": False})
     return core
-
-
-class _SignalStack(ctypes.Structure):  # stack_t of sigaltstack(2)
-    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
-
-
-SS_DISABLE = 2  # stack_t.ss_flags: no alternate stack
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-
-
-@contextlib.contextmanager
-def kept_signal_stack() -> Iterator[None]:
-    """Run the block (NNCF, which makes and drops OpenVINO Cores of its own) and give this thread back the alternate
-    signal stack it had before, whatever the block's plugins left: a stack unmapped by then is never used. Plugins still
-    alive afterwards find their stack no longer current and only unmap it. Linux only (elsewhere OpenVINO leaves the
-    signal stack alone)."""
-    if _LIBC is None:
-        yield
-        return
-    kept = _SignalStack()
-    if _LIBC.sigaltstack(None, ctypes.byref(kept)) != 0:
-        yield
-        return
-    kept.ss_flags &= SS_DISABLE  # drop SS_ONSTACK, a state, not a setting
-    try:
-        yield
-    finally:
-        _LIBC.sigaltstack(ctypes.byref(kept), None)
 
 
 def openvino_reason(error: Exception) -> str:

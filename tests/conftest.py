@@ -1,7 +1,6 @@
 """Shared fixtures: tiny datasets written by the tests and one tiny trained checkpoint."""
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import runpy
@@ -24,6 +23,7 @@ from deploy.onnx_export import export_onnx  # noqa: E402
 from models.factory import model_from_checkpoint  # noqa: E402
 from utils.checkpoint import load_checkpoint  # noqa: E402
 from utils.logs import THIRD_PARTY_WARNINGS  # noqa: E402
+from utils.signal_stack import SS_DISABLE, current_signal_stack  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -41,16 +41,11 @@ def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         yield folder
 
 
-class _SignalStack(ctypes.Structure):  # stack_t of sigaltstack(2)
-    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
-
-
 def signal_stack_is_mapped() -> bool:
     """Whether this thread's alternate signal stack, if it has one, lies in mapped memory (Linux): Python runs its
     signal handlers on it, so an unmapped one turns the next signal into SIGSEGV (deploy/openvino_runtime.py)."""
-    stack = _SignalStack()
-    assert ctypes.CDLL(None).sigaltstack(None, ctypes.byref(stack)) == 0
-    if stack.ss_flags & 2 or not stack.ss_sp:  # SS_DISABLE: none
+    stack = current_signal_stack()
+    if stack is None or stack.ss_flags & SS_DISABLE or not stack.ss_sp:
         return True
     with open("/proc/self/maps") as maps:
         ranges = [tuple(int(end, 16) for end in line.split()[0].split("-")) for line in maps]
