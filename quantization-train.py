@@ -3,7 +3,7 @@
 From a checkpoint:  python quantization-train.py --checkpoint runs/main/<run>/best.pt --mode both
 From scratch:       python quantization-train.py --model mobilenetv3_small   (fine-tunes FP32 with main.py's engine first)
 Better PTQ:         ... --mode ptq --observer percentile --equalize --bias-correction --max-drop 1.0
-PT2E PTQ:           ... --api pt2e --backend x86   (torch.export + torchao quantizer; writes int8_ptq.pt2 instead of TorchScript)
+PT2E:               ... --api pt2e --backend x86   (torch.export + torchao quantizer; writes int8_<mode>.pt2 instead of TorchScript)
 
 INT8 runs on the CPU. Outputs go to <output-dir>/quantization/<timestamp>_<model>/: int8_<mode>.pt
 (weights_only checkpoint, FX or PT2E: load with models.quantize_pt2e.load_int8), int8_<mode>.torchscript.pt
@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from data.loading import DataBundle
 from engine.config import RunConfig, refuse, resolve
+from engine.distillation import check_compatible, distillation_loss_fn, prepare_teacher
 from engine.flags import add_data_args, add_model_args, add_run_args, add_training_args
 from engine.loop import EvalOutput, Hooks, evaluate
 from engine.run import (
@@ -46,8 +47,8 @@ from models.quantize import (
     correct_bias,
     equalize,
     fewest_float_units,
+    freeze_fx_batchnorm,
     load_quantized,
-    observers_paused,
     prepare,
     qat_schedule,
     save_quantized,
@@ -82,9 +83,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--api", choices=("fx", "pt2e"), default="fx",
                        help="quantisation workflow: fx = torch.ao FX graph mode (PTQ methods below, QAT, TorchScript file); "
                             "pt2e = torch.export + torchao quantizer (X86InductorQuantizer for x86/fbgemm, ArmInductorQuantizer "
-                            "for qnnpack), PTQ only, writes int8_ptq.pt2 for torch.export.load (default: %(default)s)")
-    group.add_argument("--mode", choices=("ptq", "qat", "both"),
-                       help="default: both with --api fx, ptq with --api pt2e (PT2E QAT is not implemented)")
+                            "for qnnpack), PTQ and QAT, writes int8_<mode>.pt2 for torch.export.load (default: %(default)s)")
+    group.add_argument("--mode", choices=("ptq", "qat", "both"), default="both",
+                       help="post-training quantisation, quantisation-aware training, or both (default: %(default)s)")
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                        help="--api pt2e: time the INT8 model compiled by torch.compile (inductor, freezing: fused int8 "
                             "kernels; about a minute to compile); --no-compile times the eager quantize/dequantize graph, "
@@ -118,6 +119,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="QAT: freeze activation/weight ranges from this epoch on (default: %(default)s)")
     group.add_argument("--bn-freeze-epochs", type=non_negative_int, default=2,
                        help="QAT: freeze BatchNorm statistics from this epoch on (default: %(default)s)")
+    group.add_argument("--qat-teacher", metavar="CHECKPOINT|none", default="self",
+                       help="QAT: distil from this FP32 checkpoint of the same classes (Hinton KD, --qat-temperature); "
+                            "default: the FP32 model being quantised; 'none': labels only")
+    group.add_argument("--qat-temperature", type=positive_float, default=1.0,
+                       help="QAT: softmax temperature of the teacher's soft labels (default: %(default)s)")
     add_data_args(parser)
     add_training_args(parser)
     add_run_args(parser)
@@ -148,20 +154,18 @@ PTQ_METHODS = {"equalize": "--equalize", "bias_correction": "--bias-correction",
 
 
 FP32_TRAINING = ("model", "alpha", "pretrained", "weights", "epochs", "lr", "lr_backbone", "warmup_epochs")
-QAT_ONLY = ("qat_epochs", "qat_lr", "observer_epochs", "bn_freeze_epochs", "patience", "weight_decay", "label_smoothing",
-            "clip_grad_norm", "augment")
+QAT_FLAGS = ("qat_epochs", "qat_lr", "observer_epochs", "bn_freeze_epochs", "qat_teacher", "qat_temperature")
+QAT_ONLY = QAT_FLAGS + ("patience", "weight_decay", "label_smoothing", "clip_grad_norm", "augment")
 
 
 def check_modes(args: argparse.Namespace) -> None:
-    """Resolve --mode for the API; one error line, before any work, for a flag the run would ignore: a PTQ method
-    with --mode qat or --api pt2e, a QAT or fine-tuning flag where there is no such training."""
-    if args.mode is None:
-        args.mode = "ptq" if args.api == "pt2e" else "both"
+    """One error line, before any work, for a flag the run would ignore: a PTQ method with --mode qat or --api pt2e,
+    a QAT or fine-tuning flag where there is no such training."""
     if args.checkpoint:
         refuse(args.explicit, dict.fromkeys(FP32_TRAINING, "the FP32 model comes from --checkpoint, so there is no FP32 "
                                                            "fine-tune to set up: drop it (QAT: --qat-epochs, --qat-lr)"))
     if args.mode == "ptq":
-        refuse(args.explicit, dict.fromkeys(QAT_ONLY if args.checkpoint else QAT_ONLY[:4],
+        refuse(args.explicit, dict.fromkeys(QAT_ONLY if args.checkpoint else QAT_FLAGS,
                                             "sets up QAT, which --mode ptq does not run: drop it or use --mode both"))
     if args.mode == "qat":
         refuse(args.explicit, {"calib_batches": "PTQ calibration, which --mode qat does not run: drop it"})
@@ -176,9 +180,6 @@ def check_modes(args: argparse.Namespace) -> None:
     if used:
         raise UserError(f"{', '.join(used)}: FX-only PTQ method(s), not available with --api pt2e (its quantizer fixes the "
                         "observers); drop them or use --api fx")
-    if args.mode != "ptq":
-        raise UserError(f"--mode {args.mode}: --api pt2e does PTQ only (QAT runs through the FX QAT hooks); use --mode ptq, "
-                        "or --api fx for QAT")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -247,11 +248,13 @@ def quantize(args: argparse.Namespace, payload: dict | None, config: RunConfig, 
             int8, extra = post_training(fp32, args, img_size, calibration, data["val"])
         finish(int8, "ptq", "", **extra)
     if args.mode in ("qat", "both"):
-        epochs = train_qat(fp32, bundle, description, args, config, Runtime(runtime.device), run_dir / "qat", data["val"])
-        prepared = prepare(fp32, args.backend, img_size, args.per_channel, qat=True)
+        teacher = qat_teacher(args, payload, runtime)
+        epochs = train_qat(fp32, teacher, bundle, description, args, config, Runtime(runtime.device), run_dir / "qat", data["val"])
+        prepared = prepare_qat(fp32, args, img_size)
         prepared.load_state_dict(load_checkpoint(run_dir / "qat" / "best.pt")["model"])
-        finish(convert(prepared, img_size), "qat", epochs, observer_epochs=args.observer_epochs,
-               bn_freeze_epochs=args.bn_freeze_epochs)
+        finish(convert_qat(prepared, args, img_size), "qat", epochs, observer_epochs=args.observer_epochs,
+               bn_freeze_epochs=args.bn_freeze_epochs, qat_lr=args.qat_lr,
+               teacher=teacher[1] if teacher else None, qat_temperature=args.qat_temperature if teacher else None)
     save_json(summary, run_dir / "summary.json")
     log.info("FP32 %s: test acc %.4f  file %.3f MB  latency %.2f ms (1 thread, same process)", checkpoint, fp32_test.acc,
              summary["fp32"]["file_mb"], summary["fp32"]["latency_ms_1t"])
@@ -296,23 +299,54 @@ def post_training(fp32: torch.nn.Module, args: argparse.Namespace, img_size: int
                   "val_acc_fp32": fp32_val}
 
 
-def train_qat(fp32: torch.nn.Module, bundle: DataBundle, description: RunDescription, args: argparse.Namespace,
-              config: RunConfig, runtime: Runtime, qat_dir: Path, val_loader: DataLoader) -> int:
-    """Fine-tune with fake quantisation through the shared loop; the INT8 copy's val loss picks the best epoch."""
+def qat_teacher(args: argparse.Namespace, payload: dict, runtime: Runtime) -> tuple[torch.nn.Module, str] | None:
+    """The FP32 model QAT distils from, and where it came from: the checkpoint being quantised ('self'), another of the
+    same classes and input, or none."""
+    if args.qat_teacher == "none":
+        return None
+    if args.qat_teacher == "self":
+        return prepare_teacher(model_from_checkpoint(payload), runtime), "self"
+    teacher = load_fp32(args.qat_teacher)
+    student = payload["description"]
+    if teacher["description"].class_names != student.class_names:
+        raise UserError(f"--qat-teacher {args.qat_teacher} knows classes {teacher['description'].class_names}, the model "
+                        f"{student.class_names}: give a teacher trained on the same classes, or --qat-teacher none")
+    check_compatible(teacher["description"], student, None)
+    return prepare_teacher(model_from_checkpoint(teacher), runtime), args.qat_teacher
+
+
+def prepare_qat(fp32: torch.nn.Module, args: argparse.Namespace, img_size: int) -> torch.nn.Module:
+    """The model with fake quantisation, in training mode: FX graph mode or PT2E."""
+    if args.api == "pt2e":
+        return pt2e().prepare(fp32, args.backend, img_size, args.per_channel, qat=True)
+    return prepare(fp32, args.backend, img_size, args.per_channel, qat=True)
+
+
+def convert_qat(prepared: torch.nn.Module, args: argparse.Namespace, img_size: int) -> torch.nn.Module:
+    return pt2e().convert(prepared) if args.api == "pt2e" else convert(prepared, img_size)
+
+
+def train_qat(fp32: torch.nn.Module, teacher: tuple[torch.nn.Module, str] | None, bundle: DataBundle,
+              description: RunDescription, args: argparse.Namespace, config: RunConfig, runtime: Runtime, qat_dir: Path,
+              val_loader: DataLoader) -> int:
+    """Fine-tune with fake quantisation through the shared loop, distilling from ``teacher`` if given; the INT8 copy's
+    validation loss picks the best epoch."""
     img_size = description.img_size
-    prepared = prepare_model(prepare(fp32, args.backend, img_size, args.per_channel, qat=True), runtime)
+    prepared = prepare_model(prepare_qat(fp32, args, img_size), runtime)
     qat_config = config.with_training(epochs=args.qat_epochs, lr=args.qat_lr, lr_backbone=args.qat_lr, warmup_epochs=0)
 
     def validate() -> EvalOutput:
-        with observers_paused(prepared):
-            fake = evaluate(prepared, val_loader, runtime, desc="val fake-quant")
-        int8 = evaluate(convert(prepared, img_size), val_loader, CPU, desc="val int8")
-        log.info("  val fake-quant loss %.4f acc %.4f | converted INT8 loss %.4f acc %.4f", fake.loss, fake.acc, int8.loss, int8.acc)
+        int8 = evaluate(convert_qat(prepared, args, img_size), val_loader, CPU, desc="val int8")
+        log.info("  val converted INT8 loss %.4f acc %.4f", int8.loss, int8.acc)
         return int8
 
+    norm = (description.mean, description.std)
+    loss_fn = distillation_loss_fn(teacher[0], args.qat_temperature, 1.0, norm, norm) if teacher else None
+    freeze = pt2e().freeze_batchnorm if args.api == "pt2e" else freeze_fx_batchnorm
+    schedule = qat_schedule(prepared, args.observer_epochs, args.bn_freeze_epochs, freeze)
     qat_description = description.replace(script=SCRIPT, method="qat-fake-quant")
-    hooks = Hooks(before_epoch=qat_schedule(prepared, args.observer_epochs, args.bn_freeze_epochs), validate=validate)
-    result = train(prepared, bundle, qat_description, qat_config, runtime, qat_dir, hooks)
+    result = train(prepared, bundle, qat_description, qat_config, runtime, qat_dir,
+                   Hooks(loss_fn=loss_fn, before_epoch=schedule, validate=validate))
     return result.epochs_run
 
 

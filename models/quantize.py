@@ -42,7 +42,6 @@ from torch.ao.nn import quantized as nnq
 from torch.ao.nn.intrinsic.qat import freeze_bn_stats
 from torch.ao.quantization import (
     FakeQuantize,
-    FakeQuantizeBase,
     HistogramObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
@@ -52,7 +51,6 @@ from torch.ao.quantization import (
     default_fused_wt_fake_quant,
     default_per_channel_weight_observer,
     default_weight_observer,
-    disable_observer,
     get_default_qat_qconfig_mapping,
     get_default_qconfig_mapping,
 )
@@ -460,20 +458,31 @@ def fewest_float_units(units: list[list[str]], build: Callable[[list[str]], nn.M
     return model, [name for group in chosen for name in group], best
 
 
-def qat_schedule(prepared: nn.Module, observer_epochs: int, bn_freeze_epochs: int) -> Callable[[int], None]:
+def _fake_quantizers(model: nn.Module) -> list[nn.Module]:
+    """Fake-quantisation modules of torch.ao (FX) and torchao (PT2E) alike: both keep an ``observer_enabled`` flag."""
+    return [m for m in model.modules() if hasattr(m, "observer_enabled") and hasattr(m, "disable_observer")]
+
+
+def freeze_fx_batchnorm(prepared: nn.Module) -> None:
+    prepared.apply(freeze_bn_stats)
+
+
+def qat_schedule(prepared: nn.Module, observer_epochs: int, bn_freeze_epochs: int,
+                 freeze_batchnorm: Callable[[nn.Module], None] = freeze_fx_batchnorm) -> Callable[[int], None]:
     """``before_epoch`` hook: freeze observers, then BatchNorm statistics (torchvision's QAT recipe)."""
     def before_epoch(epoch: int) -> None:
         if epoch >= observer_epochs:
-            prepared.apply(disable_observer)
+            for module in _fake_quantizers(prepared):
+                module.disable_observer()
         if epoch >= bn_freeze_epochs:
-            prepared.apply(freeze_bn_stats)
+            freeze_batchnorm(prepared)
     return before_epoch
 
 
 @contextmanager
 def observers_paused(model: nn.Module) -> Iterator[None]:
     """Evaluate a QAT model without letting validation images move its quantisation ranges."""
-    fake_quants = [m for m in model.modules() if isinstance(m, FakeQuantizeBase)]
+    fake_quants = _fake_quantizers(model)
     saved = [m.observer_enabled.clone() for m in fake_quants]
     for module in fake_quants:
         module.disable_observer()

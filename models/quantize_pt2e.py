@@ -1,4 +1,4 @@
-"""INT8 post-training quantisation through PT2E (``torch.export`` + torchao quantizers), beside the FX path.
+"""INT8 quantisation through PT2E (``torch.export`` + torchao quantizers), PTQ and QAT, beside the FX path.
 
 FX graph mode (``models.quantize``) is deprecated in torch 2.14; PT2E is its successor. The FP32 timm model is
 captured with ``torch.export.export`` (batch dimension dynamic), annotated by a backend quantizer,
@@ -11,6 +11,11 @@ Backends: x86/fbgemm -> ``X86InductorQuantizer`` (its default config: 8-bit unsi
 ``reduce_range``); qnnpack (ARM, Raspberry Pi) -> ``ArmInductorQuantizer`` (8-bit signed activations), because
 the XNNPACKQuantizer moved to executorch, which this toolkit does not install. Both use the histogram
 activation observer (FX's default); weights are symmetric min-max, per output channel unless ``per_channel`` is off.
+
+QAT (``prepare(..., qat=True)``): the model is exported in training mode, ``prepare_qat_pt2e`` folds each conv-BatchNorm
+pair into a fake-quantised conv that still learns (and, until frozen, updates the BatchNorm statistics), with
+moving-average fake quantisers on activations and weights; ``freeze_batchnorm`` and the observer switch of
+``models.quantize.qat_schedule`` run the same schedule as FX QAT. The checkpoint and program are written as for PTQ.
 
 Artifacts: the project's checkpoint (``torch.load(weights_only=True)``): the converted module's tensors (int8
 weights, folded biases, weight scales) plus every observer's scale and zero point; ``load_quantized``
@@ -46,8 +51,14 @@ _level = _pytree_log.level
 _pytree_log.setLevel(logging.ERROR)  # torchao 0.18 registers an Enum that torch 2.14 logs as deprecated, once per process
 try:
     from torchao.quantization.pt2e import ObserverBase, move_exported_model_to_eval, move_exported_model_to_train
-    from torchao.quantization.pt2e.observer import MinMaxObserver, PerChannelMinMaxObserver
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase, FusedMovingAvgObsFakeQuantize
+    from torchao.quantization.pt2e.observer import (
+        MinMaxObserver,
+        MovingAverageMinMaxObserver,
+        MovingAveragePerChannelMinMaxObserver,
+        PerChannelMinMaxObserver,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
     from torchao.quantization.pt2e.quantizer import QuantizationSpec, Quantizer
     from torchao.quantization.pt2e.quantizer.arm_inductor_quantizer import (
         ArmInductorQuantizer,
@@ -65,29 +76,57 @@ QPARAMS = "pt2e_qparams"  # checkpoint keys "<QPARAMS>.<observer>.scale" / ".zer
 MAX_BATCH = 4096  # upper bound of the exported dynamic batch dimension
 QUANTIZERS = {"x86": "X86InductorQuantizer", "fbgemm": "X86InductorQuantizer", "qnnpack": "ArmInductorQuantizer"}
 QDQ_OPS = ("quantize_per_tensor", "dequantize_per_tensor", "quantize_per_channel", "dequantize_per_channel")
+BATCH_NORM_OPS = (torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit.default)
+BATCH_NORM_TRAINING_ARG = 5  # (input, weight, bias, running_mean, running_var, training, momentum, eps, ...)
 log = logging.getLogger(__name__)
 
 
-def quantizer_for(backend: str, per_channel: bool = True) -> Quantizer:
-    """The PT2E quantizer of a backend: default config, weights per output channel or per tensor (symmetric int8)."""
+def _weight_spec(per_channel: bool, qat: bool) -> QuantizationSpec:
+    """Symmetric int8 weights per output channel (or per tensor): min-max for PTQ, a fused moving-average fake
+    quantiser for QAT (the quantizers' own QAT weights: per channel on x86, per tensor on ARM)."""
+    if qat:
+        observer = MovingAveragePerChannelMinMaxObserver if per_channel else MovingAverageMinMaxObserver
+        constructor = FusedMovingAvgObsFakeQuantize.with_args(observer=observer, eps=2**-12)
+    else:
+        constructor = (PerChannelMinMaxObserver if per_channel else MinMaxObserver).with_args(eps=2**-12)
+    return QuantizationSpec(dtype=torch.int8, quant_min=-128, quant_max=127, ch_axis=0,
+                            qscheme=torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric,
+                            observer_or_fake_quant_ctr=constructor)
+
+
+def quantizer_for(backend: str, per_channel: bool = True, qat: bool = False) -> Quantizer:
+    """The PT2E quantizer of a backend: default config (QAT: fake quantisers), weights as ``_weight_spec``."""
     if backend not in BACKENDS:
         raise QuantizationError(f"unsupported quantisation backend '{backend}': choose one of {', '.join(BACKENDS)}")
     if QUANTIZERS[backend] == "X86InductorQuantizer":
-        quantizer, config = X86InductorQuantizer(), get_default_x86_inductor_quantization_config()
+        quantizer, config = X86InductorQuantizer(), get_default_x86_inductor_quantization_config(is_qat=qat)
     else:
-        quantizer, config = ArmInductorQuantizer(), get_default_arm_inductor_quantization_config()
-    weight = QuantizationSpec(
-        dtype=torch.int8, quant_min=-128, quant_max=127, ch_axis=0,
-        qscheme=torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric,
-        observer_or_fake_quant_ctr=(PerChannelMinMaxObserver if per_channel else MinMaxObserver).with_args(eps=2**-12),
-    )
-    return quantizer.set_global(dataclasses.replace(config, weight=weight))
+        quantizer, config = ArmInductorQuantizer(), get_default_arm_inductor_quantization_config(is_qat=qat)
+    return quantizer.set_global(dataclasses.replace(config, weight=_weight_spec(per_channel, qat)))
+
+
+def _set_batchnorm_training(model: torch.fx.GraphModule, training: bool) -> None:
+    """Whether each BatchNorm op of an exported graph normalises with batch statistics (and updates the running ones)."""
+    for node in model.graph.nodes:
+        if node.op == "call_function" and node.target in BATCH_NORM_OPS:
+            args = list(node.args)
+            args[BATCH_NORM_TRAINING_ARG] = training
+            node.args = tuple(args)
+    model.recompile()
+
+
+def freeze_batchnorm(model: torch.fx.GraphModule) -> None:
+    """QAT: from now on BatchNorm uses (and keeps) its running statistics, also after ``train()``."""
+    model.meta["batchnorm_frozen"] = True
+    _set_batchnorm_training(model, False)
 
 
 def _train_eval(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Give an exported module working ``train()``/``eval()`` (torch.export refuses them; torchao's helper returns None)."""
     def train(self: torch.fx.GraphModule, mode: bool = True) -> torch.fx.GraphModule:
         (move_exported_model_to_train if mode else move_exported_model_to_eval)(self)
+        if mode and self.meta.get("batchnorm_frozen"):
+            _set_batchnorm_training(self, False)
         self.training = mode
         return self
 
@@ -97,9 +136,10 @@ def _train_eval(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return model
 
 
-def export_model(model: nn.Module, img_size: int) -> torch.fx.GraphModule:
-    """``torch.export`` of an eval-mode copy with a dynamic batch dimension; one QuantizationError line if it fails."""
-    model = copy.deepcopy(model).cpu().eval()
+def export_model(model: nn.Module, img_size: int, train: bool = False) -> torch.fx.GraphModule:
+    """``torch.export`` of a copy (eval mode; ``train``: training mode, for QAT) with a dynamic batch dimension; one
+    QuantizationError line if it fails."""
+    model = copy.deepcopy(model).cpu().train(train)
     example = (torch.zeros(2, 3, img_size, img_size),)  # batch 2: a batch of 1 would be specialised
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     try:
@@ -110,19 +150,26 @@ def export_model(model: nn.Module, img_size: int) -> torch.fx.GraphModule:
                                 f"({type(error).__name__}: {first_line}); use --api fx") from None
 
 
-def prepare(model: nn.Module, backend: str, img_size: int, per_channel: bool = True) -> torch.fx.GraphModule:
-    """Export and insert the backend quantizer's observers (PTQ); the FP32 ``model`` is untouched."""
-    quantizer = quantizer_for(backend, per_channel)
-    prepared = prepare_pt2e(export_model(model, img_size), quantizer)
-    prepared.meta[API] = {"backend": backend, "per_channel": per_channel, "img_size": img_size}
-    return _train_eval(prepared)
+def prepare(model: nn.Module, backend: str, img_size: int, per_channel: bool = True, qat: bool = False) -> torch.fx.GraphModule:
+    """Export and insert the backend quantizer's observers (PTQ, eval mode) or fake quantisers (QAT, training mode);
+    the FP32 ``model`` is untouched."""
+    quantizer = quantizer_for(backend, per_channel, qat)
+    exported = export_model(model, img_size, train=qat)
+    prepared = prepare_qat_pt2e(exported, quantizer) if qat else prepare_pt2e(exported, quantizer)
+    prepared.meta[API] = {"backend": backend, "per_channel": per_channel, "img_size": img_size, "qat": qat}
+    return _train_eval(prepared).train(qat)
+
+
+def _quantisers(prepared: torch.fx.GraphModule) -> dict[str, nn.Module]:
+    """The observers (PTQ) or fake quantisers (QAT) whose parameters ``convert_pt2e`` bakes into the graph."""
+    return {name: module for name, module in prepared.named_modules() if isinstance(module, (ObserverBase, FakeQuantizeBase))}
 
 
 def observer_qparams(prepared: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
     """Every observer's calibrated scale and zero point, as checkpoint tensors keyed by the observer's name."""
     found = {}
-    for name, module in prepared.named_modules():
-        if isinstance(module, ObserverBase):
+    for name, module in _quantisers(prepared).items():
+        with torch.no_grad():
             scale, zero_point = module.calculate_qparams()
             found[f"{QPARAMS}.{name}.scale"] = scale.detach().clone()
             found[f"{QPARAMS}.{name}.zero_point"] = zero_point.detach().clone()
@@ -143,7 +190,9 @@ def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     ``meta[QPARAMS]`` keeps the observers' parameters, which the checkpoint stores to rebuild the module.
     """
     qparams = observer_qparams(prepared)
-    converted = convert_pt2e(copy.deepcopy(prepared))
+    evaluating = copy.deepcopy(prepared)
+    move_exported_model_to_eval(evaluating)  # QAT: BatchNorm folds with its running statistics
+    converted = convert_pt2e(evaluating)
     _drop_unused_tensors(converted)
     converted.meta[QPARAMS] = qparams
     converted.meta[API] = dict(prepared.meta[API])
@@ -201,8 +250,8 @@ def build_quantized(description: RunDescription, state: dict[str, torch.Tensor])
     settings = description.quantization
     shapes = {k: torch.ones(shape) for k, shape in settings["fp32_shapes"].items()}  # placeholder values: overwritten
     fp32 = model_from_checkpoint({"description": description, "model": shapes})
-    prepared = prepare(fp32, settings["backend"], description.img_size, settings["per_channel"])
-    observers = {name: module for name, module in prepared.named_modules() if isinstance(module, ObserverBase)}
+    prepared = prepare(fp32, settings["backend"], description.img_size, settings["per_channel"], settings["mode"] == "qat")
+    observers = _quantisers(prepared)
     stored = {key[len(QPARAMS) + 1:].rpartition(".")[0] for key in state if key.startswith(f"{QPARAMS}.")}
     if stored != set(observers):
         raise CheckpointError(f"the PT2E checkpoint's {len(stored)} observers do not match the {len(observers)} of the rebuilt "

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import builtins
+import os
 import shutil
+import stat
 import threading
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from engine.metrics import classification_metrics, per_fabric_metrics
 from engine.run import create_run_dir
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.distributed import Runtime
-from utils.io import WriteError, atomic_open
+from utils.io import WriteError, atomic_open, atomic_path
 
 
 def _error_lines(capsys: pytest.CaptureFixture) -> list[str]:
@@ -188,3 +190,52 @@ def test_runs_started_at_the_same_moment_get_their_own_folders(tmp_path):
     for thread in threads:
         thread.join()
     assert len(set(folders)) == 8 and all(Path(folder).is_dir() for folder in folders)
+
+
+def test_a_fifo_is_streamed_to_not_replaced(tmp_path):
+    """A named pipe given as an output keeps being a pipe, and its reader gets the whole text."""
+    fifo = tmp_path / "results.fifo"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()))
+    reader.start()
+    with atomic_open(fifo) as handle:
+        handle.write("path,class\na.png,Normal\n")
+    reader.join(timeout=10)
+    assert received == ["path,class\na.png,Normal\n"]
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_character_device_is_written_through_not_replaced():
+    """/dev/null stays a device (the helper used to rename a regular file over it when run as root)."""
+    with atomic_open("/dev/null") as handle:
+        handle.write("x" * 10_000)
+    with atomic_path("/dev/null") as path, open(path, "wb") as handle:  # writers that take a path: onnx.save, savefig
+        handle.write(b"y")
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_a_full_device_is_one_write_error_and_stays_a_device():
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    with pytest.raises(WriteError, match=r"cannot write '/dev/full': No space left on device"):
+        with atomic_open("/dev/full") as handle:
+            handle.write("a,b\n" * 1000)
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+
+
+def test_predict_csv_into_a_fifo_reaches_its_reader(tmp_path, capsys):
+    """End to end: predict.py --csv FIFO, as a user piping results into another program."""
+    from test_stream import stub_model
+    model = stub_model(tmp_path / "stub.onnx")
+    image = tmp_path / "seam.png"
+    write_image(image, 1, np.random.default_rng(0), size=32)
+    fifo = tmp_path / "out.csv"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()))
+    reader.start()
+    assert run_script("predict.py", "--onnx", model, image, "--csv", fifo) == 0
+    reader.join(timeout=10)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert len(received) == 1 and "seam.png" in received[0] and received[0].count("\n") >= 2

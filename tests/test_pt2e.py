@@ -11,7 +11,7 @@ from torch import nn
 from models import quantize_pt2e
 from models.factory import create_model, resolve_model
 from models.quantize import CalibrationWarning, QuantizationError, load_quantized
-from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.description import RunDescription
 from utils.results import read_rows
 
@@ -97,8 +97,8 @@ def test_artifacts_reload_in_a_fresh_process_with_equal_outputs(int8_models, tmp
 
 def test_cli_pt2e_ptq_writes_artifacts_row_and_summary(trained_run, tmp_path):
     with pytest.warns(CalibrationWarning, match="calibrated on only 32 images"):
-        assert run_script("quantization-train.py", "--checkpoint", trained_run / "best.pt", *QUICK, "--no-compile",
-                          "--output-dir", tmp_path) == 0
+        assert run_script("quantization-train.py", "--checkpoint", trained_run / "best.pt", *QUICK, "--mode", "ptq",
+                          "--no-compile", "--output-dir", tmp_path) == 0
     (run_dir,) = (tmp_path / "quantization").iterdir()
     for name in ("int8_ptq.pt", "int8_ptq.pt2", "summary.json", "ptq/metrics.json"):
         assert (run_dir / name).is_file(), name
@@ -120,8 +120,6 @@ def test_cli_pt2e_ptq_writes_artifacts_row_and_summary(trained_run, tmp_path):
     (("--equalize",), "--equalize"),
     (("--bias-correction", "--max-drop", "1"), "--bias-correction, --max-drop"),
     (("--observer", "percentile"), "--observer percentile"),
-    (("--mode", "qat"), "--mode qat"),
-    (("--mode", "both"), "--mode both"),
 ])
 def test_fx_only_options_with_pt2e_give_one_error_line(flags, named, tmp_path, capsys):
     code = run_script("quantization-train.py", "--checkpoint", tmp_path / "never-read.pt", *QUICK, *flags, "--output-dir", tmp_path)
@@ -130,6 +128,63 @@ def test_fx_only_options_with_pt2e_give_one_error_line(flags, named, tmp_path, c
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and named in lines[0] and "Traceback" not in err, err
     assert not (tmp_path / "quantization").exists()  # refused before any work (the checkpoint is never opened)
+
+
+def test_cli_pt2e_qat_distils_converts_and_reloads(trained_run, tmp_path):
+    """--api pt2e --mode qat: torch.export in training mode, prepare_qat_pt2e, the shared loop with the FP32 model as
+    teacher, convert; the checkpoint and the program reload to the same outputs."""
+    assert run_script("quantization-train.py", "--checkpoint", trained_run / "best.pt", *QUICK[:2], "--mode", "qat",
+                      "--qat-epochs", "2", "--observer-epochs", "1", "--bn-freeze-epochs", "1", "--batch-size", "16",
+                      "--workers", "0", "--no-compile", "--output-dir", tmp_path) == 0
+    (run_dir,) = (tmp_path / "quantization").iterdir()
+    for name in ("int8_qat.pt", "int8_qat.pt2", "qat/log.csv", "qat/metrics.json"):
+        assert (run_dir / name).is_file(), name
+    (row,) = read_rows(tmp_path / "results.csv")
+    assert (row["method"], row["epochs"]) == ("qat", "2")
+    settings = load_checkpoint(run_dir / "int8_qat.pt")["description"].quantization
+    assert (settings["api"], settings["mode"], settings["teacher"]) == ("pt2e", "qat", "self")
+    x = torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        from_checkpoint = quantize_pt2e.load_int8(run_dir / "int8_qat.pt")(x)
+        assert torch.equal(from_checkpoint, quantize_pt2e.load_program(run_dir / "int8_qat.pt2")(x))
+    fp32_acc = load_checkpoint(trained_run / "best.pt")["description"].metrics["acc"]
+    assert abs(float(row["test_acc"]) - fp32_acc) <= 0.15
+
+
+def test_pt2e_qat_freezes_batchnorm_also_after_train():
+    """The schedule's BatchNorm freeze must survive the loop's model.train() at the start of every epoch."""
+    torch.manual_seed(0)
+    model, _ = create_model(resolve_model("mobilenetv3_small_050"), 11, pretrained=False)
+    prepared = quantize_pt2e.prepare(model, "x86", SIZE, qat=True)
+    running_means = lambda: [b.clone() for n, b in prepared.named_buffers() if n.endswith("running_mean")]  # noqa: E731
+    prepared.train()
+    before = running_means()
+    prepared(torch.randn(4, 3, SIZE, SIZE))
+    assert any(not torch.equal(a, b) for a, b in zip(before, running_means()))  # training BatchNorm updates them
+    quantize_pt2e.freeze_batchnorm(prepared)
+    prepared.eval().train()
+    frozen = running_means()
+    prepared(torch.randn(4, 3, SIZE, SIZE))
+    assert all(torch.equal(a, b) for a, b in zip(frozen, running_means()))
+
+
+def test_qat_teacher_of_other_classes_is_one_error_line(trained_run, tmp_path, capsys):
+    payload = load_checkpoint(trained_run / "best.pt")
+    other = tmp_path / "other.pt"
+    description = payload["description"].replace(class_names=[f"x{i}" for i in range(payload["description"].num_classes)])
+    save_checkpoint(other, payload["model"], description)
+    code = run_script("quantization-train.py", "--checkpoint", trained_run / "best.pt", "--mode", "qat", "--qat-teacher",
+                      other, "--batch-size", "16", "--workers", "0", "--output-dir", tmp_path)
+    assert code == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "--qat-teacher" in line and "same classes" in line and "Traceback" not in err
+
+
+def test_unexportable_model_is_one_quantization_error_for_qat_too():
+    with pytest.raises(QuantizationError, match="cannot be exported with torch.export") as failure:
+        quantize_pt2e.prepare(nn.Sequential(nn.Conv2d(3, 4, 3), DataDependentGate()), "x86", 16, qat=True)
+    assert "\n" not in str(failure.value)
 
 
 class DataDependentGate(nn.Module):

@@ -41,14 +41,31 @@ def _file_mode(path: Path) -> int:
         return _new_file_mode()
 
 
+def is_special_file(path: Path | str) -> bool:
+    """True for an existing FIFO, character or block device or socket (``/dev/stdout``, ``/dev/null``, a named pipe):
+    such a file is written through, never replaced by a regular one."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode)
+
+
 @contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temp path beside ``path``; it replaces ``path`` only if the block succeeds.
 
     An OSError of the write becomes one WriteError naming ``path``; the old file stays as it was. The file keeps
     its mode, and a symlink is written through (its target is replaced, the link stays: a shared results table).
+    A special file (a FIFO, ``/dev/stdout``, ``/dev/full``) is yielded itself: it is streamed to, never replaced.
     """
     path = Path(path)
+    if is_special_file(path):
+        try:
+            yield path
+        except OSError as error:
+            raise WriteError.of(path, error) from None
+        return
     target = Path(os.path.realpath(path)) if path.is_symlink() else path
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -69,10 +86,16 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
 
 @contextmanager
 def atomic_open(path: Path | str, mode: str = "w", **kwargs) -> Iterator[IO]:
-    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as handle:
-        yield handle
-        handle.flush()
-        os.fsync(handle.fileno())
+    """``open`` for writing through ``atomic_path``; a regular file is synced to disk before it replaces the old one."""
+    with atomic_path(path) as tmp:
+        try:
+            with open(tmp, mode, **kwargs) as handle:
+                yield handle
+                handle.flush()
+                if not is_special_file(tmp):  # a pipe or a device cannot be fsync'ed (EINVAL)
+                    os.fsync(handle.fileno())
+        except OSError as error:  # raised inside atomic_path's own handler would name the error twice
+            raise WriteError.of(path, error) from None
 
 
 def write_serialised(path: Path | str, serialise: Callable[[IO[bytes]], None]) -> None:
