@@ -36,7 +36,7 @@ from engine.flags import add_data_args, add_run_args
 from engine.loop import evaluate
 from engine.run import Result, choose_threshold_on_val, create_run_dir, log_test_row, prepare_data, record
 from models.factory import model_from_checkpoint
-from models.quantize import check_calibration
+from models.int8 import check_calibration
 from models.stats import model_stats, time_runs
 from utils.checkpoint import CheckpointError, check_zip_records, load_checkpoint
 from utils.cli import non_negative_float, non_negative_int, positive_int, run_cli

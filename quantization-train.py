@@ -38,23 +38,7 @@ from engine.run import (
     train,
 )
 from models.factory import model_from_checkpoint, resolve_model
-from models.quantize import (
-    ACTIVATION_OBSERVERS,
-    BACKENDS,
-    DEFAULT_OBSERVER,
-    calibrate,
-    convert,
-    correct_bias,
-    equalize,
-    fewest_float_units,
-    freeze_fx_batchnorm,
-    load_quantized,
-    prepare,
-    qat_schedule,
-    save_quantized,
-    save_torchscript,
-    set_backend,
-)
+from models.int8 import BACKENDS, DEFAULT_OBSERVER, OBSERVERS, calibrate, fx, qat_schedule, set_backend
 from models.stats import measure_latency, model_stats
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.cli import non_negative_float, non_negative_int, positive_float, positive_int, run_cli
@@ -98,7 +82,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--calib-batches", type=positive_int, default=10,
                        help="PTQ calibration batches of --batch-size training images, no augmentation; also the data of "
                             "--bias-correction (default: %(default)s)")
-    group.add_argument("--observer", choices=tuple(ACTIVATION_OBSERVERS), default=DEFAULT_OBSERVER,
+    group.add_argument("--observer", choices=OBSERVERS, default=DEFAULT_OBSERVER,
                        help="PTQ activation range: min-max, moving-average min-max, histogram (L2-optimal range search, the "
                             "backends' default) or percentile (histogram clipped at the 0.01st/99.99th percentiles); weights "
                             "stay min-max (default: %(default)s)")
@@ -185,6 +169,7 @@ def check_modes(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> None:
     check_modes(args)
     set_backend(args.backend)
+    (pt2e if args.api == "pt2e" else fx)()  # a torch without FX graph mode: one line now, before any work
     payload = load_fp32(args.checkpoint) if args.checkpoint else None
     config = resolve(vars(args), pinned=payload["description"] if payload else None)
     runtime = setup_runtime(config.device, config.amp)
@@ -197,7 +182,8 @@ def main(args: argparse.Namespace) -> None:
 
 
 def pt2e() -> types.ModuleType:
-    """models.quantize_pt2e, imported on first use: importing torchao costs ~2.5 s that FX runs need not pay."""
+    """models.quantize_pt2e, imported on first use: importing torchao costs ~2.5 s that FX runs need not pay (the FX
+    path comes through ``models.int8.fx``, which also says what to use where torch has removed it)."""
     from models import quantize_pt2e
     return quantize_pt2e
 
@@ -224,15 +210,15 @@ def quantize(args: argparse.Namespace, payload: dict | None, config: RunConfig, 
             pt2e().save_quantized(path, int8, payload, {**settings, "mode": method, **extra}, describe)
             pt2e().save_program(int8, run_dir / f"int8_{method}.pt2")
         else:
-            save_quantized(path, int8, payload, {**settings, "mode": method, **extra}, describe)
-            save_torchscript(int8, run_dir / f"int8_{method}.torchscript.pt", img_size)
+            fx().save_quantized(path, int8, payload, {**settings, "mode": method, **extra}, describe)
+            fx().save_torchscript(int8, run_dir / f"int8_{method}.torchscript.pt", img_size)
         output = evaluate(int8, data["test"], CPU, desc=f"test {method}")
         # time the saved file as a user loads it: right after QAT training the in-memory model ran 2x slower
         # than the identical graph reloaded from its file (9.3 vs 4.7 ms, mobilenetv3_small_100, 64 px)
         if args.api == "pt2e":
             latency, timed = pt2e().program_latency(run_dir / f"int8_{method}.pt2", img_size, args.compile)
         else:
-            latency, timed = measure_latency(load_quantized(path), img_size), f"{path.name} (FX INT8 kernels)"
+            latency, timed = measure_latency(fx().load_quantized(path), img_size), f"{path.name} (FX INT8 kernels)"
         row = record(Result(SCRIPT, method, output, point, path, epochs, report_dir=run_dir / method, stats=int8_stats,
                             latency_ms=latency), bundle, description, run_dir, config.output_dir)
         rows.append(row)
@@ -274,23 +260,23 @@ def fp32_summary(fp32: torch.nn.Module, checkpoint: Path, test: EvalOutput, img_
 def post_training(fp32: torch.nn.Module, args: argparse.Namespace, img_size: int,
                   calibration: list[tuple[torch.Tensor, torch.Tensor]], val_loader: DataLoader) -> tuple[torch.nn.Module, dict]:
     """PTQ with the selected methods; returns the INT8 model and the settings its checkpoint must record."""
-    prepared = prepare(fp32, args.backend, img_size, args.per_channel, observer=args.observer)
+    prepared = fx().prepare(fp32, args.backend, img_size, args.per_channel, observer=args.observer)
     if args.equalize:
-        log.info("cross-layer equalisation: %d conv pairs", equalize(prepared))
+        log.info("cross-layer equalisation: %d conv pairs", fx().equalize(prepared))
     used = calibrate(prepared, calibration, args.calib_batches, args.calib_batches * args.batch_size)
     settings = {"calibration_images": used, "observer": args.observer, "equalize": args.equalize,
                 "bias_correction": args.bias_correction}
 
     def build(float_layers: list[str]) -> torch.nn.Module:
-        int8 = convert(prepared, img_size, float_layers)
+        int8 = fx().convert(prepared, img_size, float_layers)
         if args.bias_correction:
-            correct_bias(int8, prepared, calibration, args.calib_batches)
+            fx().correct_bias(int8, prepared, calibration, args.calib_batches)
         return int8
 
     if args.max_drop is None:
         return build([]), {**settings, "float_layers": []}
     fp32_val = evaluate(fp32, val_loader, CPU, desc="val fp32").acc
-    int8, float_layers, val_acc = fewest_float_units(
+    int8, float_layers, val_acc = fx().fewest_float_units(
         prepared.meta["float_units"], build, lambda model: evaluate(model, val_loader, CPU, desc="val int8").acc,
         fp32_val - args.max_drop / 100)
     log.info("float layers (%d): %s | val acc %.4f, FP32 %.4f", len(float_layers), ", ".join(float_layers) or "none",
@@ -319,11 +305,11 @@ def prepare_qat(fp32: torch.nn.Module, args: argparse.Namespace, img_size: int) 
     """The model with fake quantisation, in training mode: FX graph mode or PT2E."""
     if args.api == "pt2e":
         return pt2e().prepare(fp32, args.backend, img_size, args.per_channel, qat=True)
-    return prepare(fp32, args.backend, img_size, args.per_channel, qat=True)
+    return fx().prepare(fp32, args.backend, img_size, args.per_channel, qat=True)
 
 
 def convert_qat(prepared: torch.nn.Module, args: argparse.Namespace, img_size: int) -> torch.nn.Module:
-    return pt2e().convert(prepared) if args.api == "pt2e" else convert(prepared, img_size)
+    return pt2e().convert(prepared) if args.api == "pt2e" else fx().convert(prepared, img_size)
 
 
 def train_qat(fp32: torch.nn.Module, teacher: tuple[torch.nn.Module, str] | None, bundle: DataBundle,
@@ -342,7 +328,7 @@ def train_qat(fp32: torch.nn.Module, teacher: tuple[torch.nn.Module, str] | None
 
     norm = (description.mean, description.std)
     loss_fn = distillation_loss_fn(teacher[0], args.qat_temperature, 1.0, norm, norm) if teacher else None
-    freeze = pt2e().freeze_batchnorm if args.api == "pt2e" else freeze_fx_batchnorm
+    freeze = pt2e().freeze_batchnorm if args.api == "pt2e" else fx().freeze_fx_batchnorm
     schedule = qat_schedule(prepared, args.observer_epochs, args.bn_freeze_epochs, freeze)
     qat_description = description.replace(script=SCRIPT, method="qat-fake-quant")
     result = train(prepared, bundle, qat_description, qat_config, runtime, qat_dir,

@@ -28,7 +28,6 @@ import logging
 import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from itertools import islice
 from pathlib import Path
 from types import TracebackType
@@ -57,35 +56,14 @@ from torch.ao.quantization import (
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 
 from models.factory import model_from_checkpoint
+from models.int8 import DEFAULT_OBSERVER, OBSERVERS, QuantizationError, set_backend
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.description import RunDescription
-from utils.errors import UserError
 from utils.io import write_serialised
 
-BACKENDS = ("x86", "fbgemm", "qnnpack")  # qnnpack: the ARM kernels of a Raspberry Pi
-MIN_CALIBRATION_IMAGES = 100  # fewer images give noisy activation ranges
 PERCENTILE_TAIL = 1e-4  # "percentile" observer: clip the 0.01 % lowest and highest calibration activations
 EQUALIZATION_SWEEPS = 4  # a conv shared by two pairs (pw -> dw -> pw) needs a few rounds to settle
 log = logging.getLogger(__name__)
-
-
-class QuantizationError(UserError):
-    """A model, backend or file that cannot be quantised or loaded; the message says why."""
-
-
-class CalibrationWarning(UserWarning):
-    """PTQ calibrated on fewer images than asked for or than is reliable."""
-
-
-def available_backends() -> list[str]:
-    return [name for name in BACKENDS if name in torch.backends.quantized.supported_engines]
-
-
-def set_backend(name: str) -> None:
-    """Select the quantised kernel set; packing of INT8 weights depends on it."""
-    if name not in available_backends():
-        raise QuantizationError(f"unsupported quantisation backend '{name}': choose one of {', '.join(available_backends())}")
-    torch.backends.quantized.engine = name
 
 
 def unfold_timm_layers(model: nn.Module) -> nn.Module:
@@ -130,7 +108,7 @@ class PercentileObserver(HistogramObserver):
 # PTQ activation observers; weights keep per-channel (or per-tensor) min-max. "histogram" is the backends' default.
 ACTIVATION_OBSERVERS = {"minmax": MinMaxObserver, "moving-average": MovingAverageMinMaxObserver,
                         "histogram": HistogramObserver, "percentile": PercentileObserver}
-DEFAULT_OBSERVER = "histogram"
+assert tuple(ACTIVATION_OBSERVERS) == OBSERVERS
 
 
 def qconfig_mapping(backend: str, per_channel: bool = True, qat: bool = False,
@@ -271,31 +249,6 @@ def convert(prepared: torch.fx.GraphModule, img_size: int, float_layers: Iterabl
                   f"the {torch.backends.quantized.engine} kernels reject it: {str(error).strip().splitlines()[-1]}")
         raise QuantizationError(f"the INT8 model cannot run: {reason}") from None
     return converted
-
-
-@torch.inference_mode()
-def calibrate(prepared: torch.fx.GraphModule, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], max_batches: int,
-              requested_images: int) -> int:
-    """Run up to ``max_batches`` batches through the observers; returns how many images were seen."""
-    prepared.eval()
-    seen = 0
-    for index, (images, _) in enumerate(batches):
-        if index >= max_batches:
-            break
-        prepared(images.cpu())
-        seen += len(images)
-    check_calibration("PTQ", seen, requested_images)
-    return seen
-
-
-def check_calibration(what: str, seen: int, requested_images: int) -> None:
-    """The one check of every INT8 calibration (PyTorch PTQ, ONNX Runtime, OpenVINO): a CalibrationWarning when it saw
-    fewer images than asked for or than give stable activation ranges."""
-    if seen < requested_images or seen < MIN_CALIBRATION_IMAGES:
-        warnings.warn(
-            f"{what} calibrated on only {seen} images (asked for {requested_images}; at least {MIN_CALIBRATION_IMAGES} "
-            "give stable activation ranges): expect lower INT8 accuracy", CalibrationWarning, stacklevel=3,
-        )
 
 
 def _weighted(module: nn.Module) -> nn.Module:
@@ -458,39 +411,9 @@ def fewest_float_units(units: list[list[str]], build: Callable[[list[str]], nn.M
     return model, [name for group in chosen for name in group], best
 
 
-def _fake_quantizers(model: nn.Module) -> list[nn.Module]:
-    """Fake-quantisation modules of torch.ao (FX) and torchao (PT2E) alike: both keep an ``observer_enabled`` flag."""
-    return [m for m in model.modules() if hasattr(m, "observer_enabled") and hasattr(m, "disable_observer")]
-
-
 def freeze_fx_batchnorm(prepared: nn.Module) -> None:
+    """QAT schedule's BatchNorm freeze for an FX-prepared model."""
     prepared.apply(freeze_bn_stats)
-
-
-def qat_schedule(prepared: nn.Module, observer_epochs: int, bn_freeze_epochs: int,
-                 freeze_batchnorm: Callable[[nn.Module], None] = freeze_fx_batchnorm) -> Callable[[int], None]:
-    """``before_epoch`` hook: freeze observers, then BatchNorm statistics (torchvision's QAT recipe)."""
-    def before_epoch(epoch: int) -> None:
-        if epoch >= observer_epochs:
-            for module in _fake_quantizers(prepared):
-                module.disable_observer()
-        if epoch >= bn_freeze_epochs:
-            freeze_batchnorm(prepared)
-    return before_epoch
-
-
-@contextmanager
-def observers_paused(model: nn.Module) -> Iterator[None]:
-    """Evaluate a QAT model without letting validation images move its quantisation ranges."""
-    fake_quants = _fake_quantizers(model)
-    saved = [m.observer_enabled.clone() for m in fake_quants]
-    for module in fake_quants:
-        module.disable_observer()
-    try:
-        yield
-    finally:
-        for module, state in zip(fake_quants, saved):
-            module.observer_enabled.copy_(state)
 
 
 def save_quantized(path: Path | str, converted: torch.fx.GraphModule, fp32_payload: dict, settings: dict,

@@ -15,7 +15,7 @@ activation observer (FX's default); weights are symmetric min-max, per output ch
 QAT (``prepare(..., qat=True)``): the model is exported in training mode, ``prepare_qat_pt2e`` folds each conv-BatchNorm
 pair into a fake-quantised conv that still learns (and, until frozen, updates the BatchNorm statistics), with
 moving-average fake quantisers on activations and weights; ``freeze_batchnorm`` and the observer switch of
-``models.quantize.qat_schedule`` run the same schedule as FX QAT. The checkpoint and program are written as for PTQ.
+``models.int8.qat_schedule`` run the same schedule as FX QAT. The checkpoint and program are written as for PTQ.
 
 Artifacts: the project's checkpoint (``torch.load(weights_only=True)``): the converted module's tensors (int8
 weights, folded biases, weight scales) plus every observer's scale and zero point; ``load_quantized``
@@ -39,8 +39,7 @@ import torch._inductor.config as inductor_config
 from torch import nn
 
 from models.factory import model_from_checkpoint
-from models.quantize import BACKENDS, DEFAULT_OBSERVER, QuantizationError, calibrate
-from models.quantize import load_quantized as load_fx_quantized
+from models.int8 import BACKENDS, DEFAULT_OBSERVER, QuantizationError, calibrate, fx
 from models.stats import measure_latency
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.description import RunDescription
@@ -208,7 +207,7 @@ def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
 def quantize_ptq(model: nn.Module, backend: str, img_size: int, per_channel: bool,
                  batches: Iterable[tuple[torch.Tensor, torch.Tensor]], max_batches: int,
                  requested_images: int) -> tuple[torch.fx.GraphModule, dict]:
-    """PTQ: export, prepare, calibrate (``models.quantize.calibrate``: same batches and warning as FX), convert.
+    """PTQ: export, prepare, calibrate (``models.int8.calibrate``: same batches and warning as FX), convert.
 
     Returns the INT8 module and the settings its checkpoint records.
     """
@@ -282,7 +281,7 @@ def load_quantized(path: Path | str) -> torch.fx.GraphModule:
 
 def load_int8(path: Path | str) -> nn.Module:
     """Any INT8 checkpoint of quantization-train.py: FX or PT2E, as its ``quantization.api`` says."""
-    return load_quantized(path) if is_pt2e(load_checkpoint(path)["description"]) else load_fx_quantized(path)
+    return load_quantized(path) if is_pt2e(load_checkpoint(path)["description"]) else fx().load_quantized(path)
 
 
 def save_program(converted: torch.fx.GraphModule, path: Path | str) -> None:

@@ -18,7 +18,7 @@ from test_stream import stub_model
 from deploy import formats, onnx_export
 from deploy.edge import CHECKSUM_KEY, EdgeClassifier, EdgeModelError
 from models.factory import create_model, resolve_model
-from models.quantize import CalibrationWarning
+from models.int8 import CalibrationWarning
 from utils.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from utils.description import RunDescription
 from utils.distributed import resolve_device

@@ -15,7 +15,7 @@ from conftest import run_script
 from deploy.inference import OnnxModule
 from deploy.onnx_export import PARITY_TOLERANCE, read_deploy_info
 from models.factory import model_from_checkpoint
-from models.quantize import CalibrationWarning
+from models.int8 import CalibrationWarning
 from utils.checkpoint import load_checkpoint
 from utils.results import read_rows
 

@@ -17,7 +17,7 @@ from data.loading import SplitRequest, load_data
 from data.transforms import Preprocess
 from deploy.openvino_export import quantize_openvino, quantize_openvino_with_accuracy_control
 from deploy.openvino_runtime import compile_ir, read_ir
-from models.quantize import CalibrationWarning
+from models.int8 import CalibrationWarning
 from utils.checkpoint import load_checkpoint
 from utils.results import read_rows
 

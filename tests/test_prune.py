@@ -9,8 +9,9 @@ import torch
 from conftest import run_script
 
 from models.factory import model_from_checkpoint
+from models.int8 import CalibrationWarning
 from models.pruning import IMPORTANCES, ChannelPruner, PruneConfig, PruningError, architecture, parse_flops
-from models.quantize import CalibrationWarning, load_quantized
+from models.quantize import load_quantized
 from models.stats import count_flops, count_params
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.results import read_rows

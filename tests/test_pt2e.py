@@ -10,7 +10,8 @@ from torch import nn
 
 from models import quantize_pt2e
 from models.factory import create_model, resolve_model
-from models.quantize import CalibrationWarning, QuantizationError, load_quantized
+from models.int8 import CalibrationWarning, QuantizationError
+from models.quantize import load_quantized
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.description import RunDescription
 from utils.results import read_rows

@@ -12,10 +12,9 @@ from conftest import run_in_fresh_process, run_script
 from torch.ao.nn import quantized as nnq
 
 from models.factory import create_model, model_from_checkpoint, resolve_model
+from models.int8 import DEFAULT_OBSERVER, calibrate
 from models.quantize import (
     ACTIVATION_OBSERVERS,
-    DEFAULT_OBSERVER,
-    calibrate,
     convert,
     correct_bias,
     equalize,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ from torch.ao.quantization import get_default_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from models.factory import model_from_checkpoint
-from models.quantize import CalibrationWarning, QuantizationError, convert, load_quantized, prepare
+from models.int8 import CalibrationWarning, QuantizationError
+from models.quantize import convert, load_quantized, prepare
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.results import read_rows
 
@@ -171,3 +173,18 @@ def test_bad_inputs_give_one_clear_line(trained_run, quantized_run, tmp_path, ca
         assert message in _error_line(capsys), args
     with pytest.raises(CheckpointError, match="FP32 checkpoint, not an INT8 one"):
         load_quantized(best)
+
+
+def test_a_torch_without_fx_quantisation_is_one_line_naming_pt2e(trained_run, tmp_path, monkeypatch, capsys):
+    """A future torch that removed torch.ao.quantization's FX graph mode: --api fx says what to use; PT2E still loads."""
+    monkeypatch.setitem(sys.modules, "torch.ao.quantization.quantize_fx", None)  # what "import" then raises: ImportError
+    monkeypatch.delitem(sys.modules, "models.quantize", raising=False)
+    code = run_script("quantization-train.py", "--checkpoint", trained_run / "best.pt", "--mode", "ptq", "--workers", "0",
+                      "--output-dir", tmp_path)
+    assert code == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "no longer ships" in line and "--api pt2e" in line and "Traceback" not in err
+    assert not (tmp_path / "quantization").exists()
+    from models import quantize_pt2e  # the PT2E path does not need FX
+    assert quantize_pt2e.API == "pt2e"
