@@ -72,6 +72,23 @@ def test_a_missing_or_unreadable_recipe_is_one_line(tmp_path, capsys):
     assert "mapping of flag names" in error_lines(capsys)[0]
 
 
+BILLION_LAUGHS = "fabrics:\n- &a [x, x, x, x, x, x, x, x, x]\n" + "".join(  # a real flag's value: it would be joined
+    f"- &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(8))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("text, expected", [
+    (BILLION_LAUGHS, "anchors or aliases"),  # 9 * 5**8 = 3.5 million items if expanded
+    ("epochs: 3\n" + "# padding\n" * 10_000, "larger than 64 KiB"),
+])
+def test_a_recipe_that_would_blow_up_is_refused_before_parsing(text, expected, tmp_path, capsys):
+    (tmp_path / "bomb.yaml").write_text(text)
+    assert run_script("main.py", "--config", tmp_path / "bomb.yaml", "--output-dir", tmp_path / "runs") == 2
+    (line,) = error_lines(capsys)
+    assert expected in line and "bomb.yaml" in line
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_run_writes_its_settings_and_its_config_yaml_runs_it_again(tiny_dataset, tmp_path):
     first = tmp_path / "first"
     assert run_script("main.py", *TINY_TRAIN, "--data-root", tiny_dataset, "--epochs", "1", "--seed", "3",

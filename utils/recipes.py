@@ -17,6 +17,7 @@ from utils.errors import UserError
 from utils.io import atomic_open
 
 RECIPE_NAME = "config.yaml"
+MAX_RECIPE_BYTES = 64 * 1024  # a recipe is a few dozen flags; a larger file is not one
 _SWITCHES = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)
 
 
@@ -25,9 +26,21 @@ class RecipeError(UserError):
 
 
 def read_recipe(path: str | Path, parser: argparse.ArgumentParser, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """The recipe's values by destination name, each checked by its flag's type and choices."""
+    """The recipe's values by destination name, each checked by its flag's type and choices.
+
+    Size is capped and YAML anchors/aliases are refused before parsing: nested aliases expand exponentially (a
+    394-byte file grew past 2.5 GB), and a flag's value never needs one.
+    """
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_RECIPE_BYTES + 1)
+        if len(raw) > MAX_RECIPE_BYTES:
+            raise RecipeError(f"--config '{path}' is larger than {MAX_RECIPE_BYTES // 1024} KiB: a recipe is a short "
+                              "mapping of flag names to values")
+        text = raw.decode("utf-8")
+        if any(isinstance(token, (yaml.AnchorToken, yaml.AliasToken)) for token in yaml.scan(text, Loader=yaml.SafeLoader)):
+            raise RecipeError(f"--config '{path}' uses YAML anchors or aliases (& or *): write each value out")
+        data = yaml.safe_load(text)
     except OSError as error:
         raise RecipeError(f"--config '{path}': {error.strerror or error}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as error:
