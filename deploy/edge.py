@@ -112,10 +112,14 @@ def stored_operating_point(info: dict) -> OperatingPoint | None:
 
 
 def read_info_json(text: str, path: Path) -> dict:
+    """A model's deploy info (ONNX metadata, OpenVINO rt_info, NCNN sidecar); one error line if it is not JSON."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
         raise EdgeModelError(f"'{path}': the model's metadata is damaged ({error}); export it again with export.py") from None
+    except RecursionError:  # nested thousands deep: json's parser recurses once per level
+        raise EdgeModelError(f"'{path}': the model's metadata is nested too deeply to be deploy info; export it again "
+                             "with export.py") from None
 
 
 ONNX_METADATA_FIELD = 14  # ModelProto.metadata_props in onnx.proto

@@ -330,6 +330,7 @@ GOOD_INFO = {"model": "stub", "class_names": ["Normal", "Broken stitch"], "img_s
     (json.dumps({**GOOD_INFO, "img_size": 10**6}), "not a size in pixels"),
     (json.dumps({**GOOD_INFO, "operating_point": {"threshold": 3}}), "operating point"),
     (json.dumps([1, 2]), "not a mapping"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
 ])
 def test_damaged_metadata_is_one_error_line_before_any_prediction(stub: Path, video: Path, tmp_path: Path, info: str,
                                                                  message: str, capsys: pytest.CaptureFixture) -> None:
