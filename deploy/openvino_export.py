@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import openvino as ov
 import torch
+from openvino import opset13
 
 from deploy.edge import CHECKSUM_KEY, METADATA_KEY, all_threads, file_sha256
 from deploy.onnx_export import read_deploy_info
@@ -57,9 +58,30 @@ def stamp_operating_point_ir(path: Path, point: OperatingPoint | None) -> None:
     save_ir(model, {**info, "operating_point": point.to_dict() if point else None}, path)
 
 
+def hard_sigmoid_as_hsigmoid(model: ov.Model) -> int:
+    """Replace each ONNX HardSigmoid that computes hardsigmoid (alpha 1/6, beta 1/2: what torch exports for timm's
+    squeeze-excite gate) by OpenVINO's HSigmoid, in place; returns how many.
+
+    Same function, but NNCF recognises a squeeze-excite block only by HSigmoid/Sigmoid and otherwise quantises its
+    gate: on the quick start's MobileNetV3 that cost 1.9 points of INT8 accuracy (89.3 % against 91.2 %, FP32 91.3 %).
+    """
+    replaced = 0
+    for node in model.get_ordered_ops():
+        if node.get_type_name() != "HardSigmoid":
+            continue
+        alpha, beta = (node.input_value(i).get_node() for i in (1, 2))
+        if alpha.get_type_name() != "Constant" or beta.get_type_name() != "Constant":
+            continue
+        if np.allclose(alpha.get_data(), 1 / 6, atol=1e-6) and np.allclose(beta.get_data(), 0.5, atol=1e-6):
+            node.output(0).replace(opset13.hsigmoid(node.input_value(0)).output(0))
+            replaced += 1
+    return replaced
+
+
 def export_openvino(onnx_path: Path, path: Path) -> ov.Model:
     """The ONNX file as an FP32 OpenVINO IR at ``path``, with the ONNX file's deploy info; returns the model written."""
     model = ov.convert_model(onnx_path)
+    hard_sigmoid_as_hsigmoid(model)
     save_ir(model, read_deploy_info(onnx.load(onnx_path, load_external_data=False)), path)
     return model
 
