@@ -98,7 +98,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "validation pass per block for each block floated (default: everything INT8)")
     group.add_argument("--qat-epochs", type=positive_int, default=5,
                        help="QAT fine-tuning epochs (--epochs/--lr are the FP32 fine-tune's; default: %(default)s)")
-    group.add_argument("--qat-lr", type=positive_float, default=5e-5, help="QAT learning rate, all layers (default: %(default)s)")
+    group.add_argument("--qat-lr", type=positive_float, default=5e-4,
+                       help="QAT learning rate, all layers, cosine to 0 (default: %(default)s)")
     group.add_argument("--observer-epochs", type=non_negative_int, default=3,
                        help="QAT: freeze activation/weight ranges from this epoch on (default: %(default)s)")
     group.add_argument("--bn-freeze-epochs", type=non_negative_int, default=2,

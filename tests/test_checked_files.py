@@ -208,3 +208,16 @@ def test_a_checkpoint_damaged_after_saving_is_refused_by_its_crc(tmp_path, v1_de
     assert run_script("predict.py", "--checkpoint", path, tmp_path) == 2
     (line,) = _error_lines(capsys)
     assert "is damaged" in line and "CRC-32" in line
+
+
+def test_a_folder_or_a_pickle_given_as_checkpoint_is_one_line_without_unsafe_advice(tmp_path):
+    """--checkpoint / --init / --teacher with a run folder, or with a file of pickled objects: say what to give instead,
+    and never repeat torch's advice to load with weights_only=False (that would run the file's code)."""
+    with pytest.raises(CheckpointError, match=r"is a folder: give the checkpoint file in it \(e\.g\. .*best\.pt\)"):
+        load_checkpoint(tmp_path)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"format": "x", "module": torch.nn.Linear(2, 2)}, pickled)
+    with pytest.raises(CheckpointError) as refused:
+        load_checkpoint(pickled)
+    assert "pickled Python objects" in str(refused.value) and "weights_only" not in str(refused.value)
+    assert "\n" not in str(refused.value)

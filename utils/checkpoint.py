@@ -39,6 +39,8 @@ def load_checkpoint(path: Path | str) -> dict:
     Returns the payload with ``"description"`` as a checked RunDescription.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint '{path}' is a folder: give the checkpoint file in it (e.g. {path / 'best.pt'})")
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     if is_exported_program(path):
@@ -50,6 +52,8 @@ def load_checkpoint(path: Path | str) -> dict:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors come in many types
         detail = str(error).strip().splitlines()[0] if str(error).strip() else "empty or truncated file"
+        if "weights_only" in str(error) or "Weights only load failed" in str(error):  # never pass on torch's unsafe advice
+            detail = "it holds pickled Python objects beyond tensors, which this toolkit never loads"
         raise CheckpointError(f"'{path}' is not a readable checkpoint ({type(error).__name__}: {detail})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"'{path}' is not a checkpoint of this project (no '{FORMAT}' marker)")
