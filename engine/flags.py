@@ -9,6 +9,7 @@ from data.stitchingnet import fabric_letters
 from data.synthetic import MAX_ZOOM
 from data.transforms import AUGMENT_VERSIONS
 from utils.cli import (
+    loader_workers,
     non_negative_float,
     non_negative_int,
     open_fraction,
@@ -74,7 +75,7 @@ def add_data_args(parser: argparse.ArgumentParser, add_data: bool = False, omit:
                             "(default: all)")
     add("--test-fabrics", metavar="LETTERS", type=fabric_letters,
                        help="hold these fabrics out as the whole test set, e.g. I,J,K (unseen-fabric generalisation)")
-    add("--workers", type=non_negative_int, default=DEFAULT_WORKERS,
+    add("--workers", type=loader_workers, default=DEFAULT_WORKERS,
                        help="DataLoader worker processes (default: %(default)s)")
 
 

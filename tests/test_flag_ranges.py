@@ -26,7 +26,8 @@ from utils.cli import (
 
 # Out-of-range values of the argument groups in engine/flags.py.
 MODEL = {"--alpha": ("0", "-1")}
-DATA = {"--synthetic-per-class": ("0",), "--synthetic-zoom": ("0.5",), "--img-size": ("0",), "--augment": ("4",), "--workers": ("-1",)}
+DATA = {"--synthetic-per-class": ("0",), "--synthetic-zoom": ("0.5",), "--img-size": ("0",), "--augment": ("4",),
+        "--workers": ("-1", "100000")}
 TRAINING = {"--epochs": ("0",), "--batch-size": ("0", "1"), "--patience": ("0",), "--lr": ("-1", "0", "nan"), "--lr-backbone": ("0",),
             "--weight-decay": ("-0.1", "inf"), "--label-smoothing": ("1",), "--warmup-epochs": ("-1",),
             "--clip-grad-norm": ("0", "-1")}

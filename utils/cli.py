@@ -36,6 +36,17 @@ def non_negative_int(text: str) -> int:
     return _in_range(value, value >= 0, "0 or a positive integer", text)
 
 
+MAX_WORKERS_PER_CPU = 4  # DataLoader workers beyond a few per core only add processes and memory
+
+
+def loader_workers(text: str) -> int:
+    """0 up to ``MAX_WORKERS_PER_CPU`` per CPU core: ``workers: 100000`` in an edited config.yaml started hundreds of
+    processes before any error."""
+    value = int(text)
+    limit = MAX_WORKERS_PER_CPU * (os.cpu_count() or 1)
+    return _in_range(value, 0 <= value <= limit, f"in [0, {limit}] ({MAX_WORKERS_PER_CPU} per CPU core)", text)
+
+
 def training_batch_size(text: str) -> int:
     """BatchNorm needs at least two images per training batch."""
     value = int(text)
