@@ -18,6 +18,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 import socketserver
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 TOKEN_ENV = "STITCHDEFECT_TOKEN"
 TOKEN_MIN_CHARS = 16
+TOKEN_CHARACTERS = re.compile(r"[A-Za-z0-9._~-]+")  # RFC 3986 unreserved: safe as they are in a query and a cookie
 COOKIE = "stitchdefect_token"
 COOKIE_MAX_AGE_S = 30 * 24 * 3600  # a tablet that opened the printed URL once stays let in for a month
 PAGE = Path(__file__).with_name("view.html")
@@ -106,9 +108,10 @@ def access_token(host: str, environ: dict[str, str]) -> tuple[str | None, bool]:
     set, else a new random one when bound beyond loopback, else none."""
     given = environ.get(TOKEN_ENV)
     if given is not None:
-        if len(given) < TOKEN_MIN_CHARS or not given.isprintable() or " " in given:
-            raise ServeError(f"${TOKEN_ENV} must be at least {TOKEN_MIN_CHARS} printable characters without spaces: make one "
-                             "with python -c 'import secrets; print(secrets.token_urlsafe(16))'")
+        if len(given) < TOKEN_MIN_CHARS or not TOKEN_CHARACTERS.fullmatch(given):
+            raise ServeError(f"${TOKEN_ENV} must be at least {TOKEN_MIN_CHARS} characters of A-Z a-z 0-9 - . _ ~ (it travels "
+                             "in URLs and a cookie, where ; , = % and spaces break it): make one with "
+                             "python -c 'import secrets; print(secrets.token_urlsafe(16))'")
         return given, False
     return (None, False) if is_loopback(host) else (secrets.token_urlsafe(16), True)
 

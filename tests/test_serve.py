@@ -250,8 +250,9 @@ def test_address_and_token_rules(monkeypatch: pytest.MonkeyPatch) -> None:
         token, generated = access_token(host, {})
         assert generated and len(token) >= 16
     assert access_token("0.0.0.0", {"STITCHDEFECT_TOKEN": TOKEN}) == (TOKEN, False)
-    with pytest.raises(ServeError, match="at least 16"):
-        access_token("0.0.0.0", {"STITCHDEFECT_TOKEN": "short"})
+    for bad in ("short", "a-token-with;semicolon", "a token with spaces", "a-token-with=equals-sign", "tok%20en-of-enough-size"):
+        with pytest.raises(ServeError, match="at least 16 characters of A-Z"):  # ; = % break the cookie or the URL
+            access_token("0.0.0.0", {"STITCHDEFECT_TOKEN": bad})
     view = LiveView("s", "m", None, None, None, [])
     server, line = start_view(Address("127.0.0.1", 0), view, {"STITCHDEFECT_TOKEN": TOKEN})
     server.close()
