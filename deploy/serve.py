@@ -260,10 +260,14 @@ class LiveView:
         return status
 
     def gallery_file(self, name: str) -> Path | None:
-        """A saved picture of an alert the gallery lists; nothing else is ever served from disk."""
+        """A saved picture of an alert the gallery lists, a regular file in the gallery folder; nothing else is ever
+        served from disk."""
         with self._changed:
             listed = any(alert["file"] == name for alert in self._alerts)
-        return self.gallery / name if listed and self.gallery is not None else None
+        if not listed or self.gallery is None:
+            return None
+        path = self.gallery / name  # only the regular file itself: a link put in its place may point anywhere
+        return path if not path.is_symlink() and path.is_file() and path.resolve().parent == self.gallery.resolve() else None
 
     def mark(self, frame: int, mark: str) -> dict:
         """Append the operator's mark of an alert to marks.csv in every marks folder; the latest row of a frame wins."""

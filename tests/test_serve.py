@@ -183,6 +183,17 @@ def test_gallery_lists_alerts_and_marks_are_appended_beside_them_and_to_the_coll
     assert len((live.gallery / MARKS_CSV).read_text().splitlines()) == 3
 
 
+def test_an_alert_picture_replaced_by_a_link_is_not_served(live: Live, tmp_path: Path) -> None:
+    status = live.wait_for(lambda s: len(s["alerts_kept"]) >= 2, "two alerts")
+    oldest = status["alerts_kept"][-1]["file"]
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the network")
+    (live.gallery / oldest).unlink()
+    (live.gallery / oldest).symlink_to(secret)
+    code, _, body = get(live.port, f"/alerts/{oldest}")
+    assert code == 404 and b"not for the network" not in body
+
+
 def test_event_stream_carries_each_frames_json_line(live: Live) -> None:
     connection = http.client.HTTPConnection("127.0.0.1", live.port, timeout=10)
     connection.request("GET", "/api/events")
