@@ -104,3 +104,12 @@ def test_stored_operating_points_are_checked(v1_description: dict) -> None:
     for bad in ({"threshold": 0.4}, {**point.to_dict(), "threshold": 7.0}, {**point.to_dict(), "threshold": "x"}, [0.4]):
         with pytest.raises(DescriptionError, match="operating_point"):
             RunDescription.from_dict({**v1_description, "operating_point": bad})
+
+
+@pytest.mark.parametrize("change", [{"threshold": "0.5"}, {"threshold": True}, {"budget": float("nan")}, {"budget": 0},
+                                    {"val_normal": 2.5}, {"val_defect_recall": float("inf")}, {"val_false_alarm_rate": 3}])
+def test_stored_operating_point_types_are_json_numbers_in_range(change: dict) -> None:
+    """A threshold written as a string or a boolean, or a NaN budget, is refused, not coerced (every artifact kind reads
+    its operating point through this one function)."""
+    with pytest.raises(OperatingPointError, match="operating point|threshold"):
+        OperatingPoint.from_dict({**OperatingPoint(0.42, 0.05, 0.95, 0.04, 108, 1000).to_dict(), **change})

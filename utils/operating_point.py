@@ -43,15 +43,27 @@ class OperatingPoint:
         """From stored metadata; OperatingPointError (one line) for anything malformed."""
         if not isinstance(data, dict):
             raise OperatingPointError(f"the stored operating point is {data!r}, not a mapping")
-        try:
-            point = cls(float(data["threshold"]), float(data["budget"]), float(data["val_defect_recall"]),
-                        float(data["val_false_alarm_rate"]), int(data["val_normal"]), int(data["val_defective"]),
-                        str(data.get("score", SCORE)))
-        except (KeyError, TypeError, ValueError) as error:
-            raise OperatingPointError(f"the stored operating point {data!r} is malformed ({error!r})") from None
-        if not (math.isfinite(point.threshold) and 0 <= point.threshold <= 1 + 1e-6):  # just above 1: flags nothing
+        numbers = ("threshold", "budget", "val_defect_recall", "val_false_alarm_rate")
+        counts = ("val_normal", "val_defective")
+        # JSON types as written: "0.5" or true would pass float() and hide a hand-edited or forged file
+        wrong = [key for key in numbers if not _is_number(data.get(key))]
+        wrong += [key for key in counts if not (_is_number(data.get(key)) and float(data[key]).is_integer())]
+        if wrong:
+            raise OperatingPointError(f"the stored operating point {data!r} is malformed: {', '.join(wrong)} must be "
+                                      "finite numbers")
+        point = cls(float(data["threshold"]), float(data["budget"]), float(data["val_defect_recall"]),
+                    float(data["val_false_alarm_rate"]), int(data["val_normal"]), int(data["val_defective"]),
+                    str(data.get("score", SCORE)))
+        if not 0 <= point.threshold <= 1 + 1e-6:  # just above 1: flags nothing
             raise OperatingPointError(f"the stored threshold {point.threshold!r} is not a defect-score threshold in [0, 1]")
+        if not (0 < point.budget < 1 and 0 <= point.val_defect_recall <= 1 and 0 <= point.val_false_alarm_rate <= 1):
+            raise OperatingPointError(f"the stored operating point {data!r} is malformed: budget, recall and false-alarm "
+                                      "rate are fractions")
         return point
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_threshold(value: float, what: str = "the threshold") -> float:
