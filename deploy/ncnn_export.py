@@ -17,7 +17,7 @@ from pathlib import Path
 import pnnx
 import torch
 
-from deploy.edge import all_threads
+from deploy.edge import CHECKSUM_KEY, all_threads, file_sha256
 from deploy.ncnn_runtime import NcnnNet, ncnn_files, read_net
 from deploy.onnx_export import ExportError
 from utils.io import atomic_path, save_json
@@ -32,9 +32,9 @@ def layer_types(path: Path) -> Counter:
 
 
 def export_ncnn(model: torch.nn.Module, info: dict, path: Path) -> None:
-    """``path`` (model.ncnn.param), its .bin (float32 weights) and its .json (``info``) from a batch-1 trace of
-    ``model`` at ``info['img_size']``; pnnx's other outputs stay in a scratch folder. The .param and .bin replace
-    any old ones together, after pnnx succeeded."""
+    """``path`` (model.ncnn.param), its .bin (float32 weights) and its .json (``info`` and the SHA-256 of both files)
+    from a batch-1 trace of ``model`` at ``info['img_size']``; pnnx's other outputs stay in a scratch folder. The
+    .param and .bin replace any old ones together, after pnnx succeeded."""
     size = info["img_size"]
     weights, sidecar = ncnn_files(path)
     with tempfile.TemporaryDirectory() as scratch, atomic_path(path) as param_tmp, atomic_path(weights) as bin_tmp:
@@ -51,7 +51,7 @@ def export_ncnn(model: torch.nn.Module, info: dict, path: Path) -> None:
         if done.returncode != 0 or not bin_tmp.stat().st_size:
             said = (done.stderr.strip() or done.stdout.strip() or f"exit status {done.returncode}").splitlines()[-1]
             raise ExportError(f"pnnx could not convert {info['model']} to NCNN ({said}): report the model name")
-    save_json(info, sidecar)
+    save_json({**info, CHECKSUM_KEY: {"param": file_sha256(path), "bin": file_sha256(weights)}}, sidecar)
     types = layer_types(path)
     log.info("NCNN FP32: %s (+ .bin, .json): %d layers (%s)", path, sum(types.values()),
              ", ".join(f"{name} {count}" for name, count in types.most_common()))

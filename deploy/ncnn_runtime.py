@@ -14,6 +14,7 @@ check assumed.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import tempfile
@@ -23,7 +24,19 @@ from pathlib import Path
 import ncnn
 import numpy as np
 
-from deploy.edge import EdgeModelError, ExportedClassifier, all_threads, check_deploy_info, read_info_json, softmax
+from deploy.edge import (
+    CHECKSUM_KEY,
+    EdgeModelError,
+    ExportedClassifier,
+    all_threads,
+    check_checksum,
+    check_deploy_info,
+    file_sha256,
+    read_info_json,
+    softmax,
+)
+
+log = logging.getLogger(__name__)
 
 INPUT_BLOB, OUTPUT_BLOB = "in0", "out0"  # pnnx's names for a traced model's one input and one output
 FLOAT16_OPTIONS = ("use_fp16_storage", "use_fp16_packed", "use_fp16_arithmetic", "use_bf16_storage", "use_bf16_packed")
@@ -70,6 +83,7 @@ def read_net(path: Path | str, threads: int) -> tuple[ncnn.Net, dict]:
         raise EdgeModelError(f"'{path}' has no class names or preprocessing metadata ('{sidecar.name}' beside it): "
                              "copy it with the model, or export it again with export.py --ncnn")
     info = check_deploy_info(read_info_json(sidecar.read_text(encoding="utf-8", errors="replace"), sidecar))
+    verify_files(path, weights, info)
     net = ncnn.Net()
     for option in FLOAT16_OPTIONS:
         setattr(net.opt, option, False)
@@ -87,6 +101,21 @@ def read_net(path: Path | str, threads: int) -> tuple[ncnn.Net, dict]:
         raise EdgeModelError(f"'{path}' has inputs {list(net.input_names())} and outputs {list(net.output_names())}, not "
                              f"one image input '{INPUT_BLOB}' and one logits output '{OUTPUT_BLOB}': export it with export.py --ncnn")
     return net, info
+
+
+def verify_files(param: Path, weights: Path, info: dict) -> None:
+    """The .param and .bin against the SHA-256 the sidecar stored at export (before ncnn reads a byte of them): a .bin
+    damaged in a way ncnn still loads (zeroed blocks) would otherwise give confident verdicts. Without stored
+    checksums (exported before them, or removed) the model is used with one warning that it is unverified."""
+    stored = info.get(CHECKSUM_KEY)
+    if stored is None:
+        log.warning("'%s' carries no checksum: its files cannot be verified (export it again with export.py --ncnn)", param)
+        return
+    if not (isinstance(stored, dict) and all(isinstance(stored.get(key), str) for key in ("param", "bin"))):
+        raise EdgeModelError(f"the model's metadata is damaged: {CHECKSUM_KEY} is {stored!r}, not the SHA-256 of the .param "
+                             "and .bin; export it again with export.py --ncnn")
+    check_checksum(param, stored["param"], file_sha256(param))
+    check_checksum(weights, stored["bin"], file_sha256(weights))
 
 
 class NcnnNet:

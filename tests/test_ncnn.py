@@ -16,6 +16,7 @@ import torch
 from conftest import ROOT, run_script
 from test_edge import NO_TORCH
 
+from deploy.edge import CHECKSUM_KEY, file_sha256
 from deploy.formats import ir_bytes
 from deploy.ncnn_export import NcnnModule, layer_types
 from deploy.ncnn_runtime import FLOAT16_OPTIONS
@@ -58,6 +59,8 @@ def test_pnnx_writes_an_fp32_ncnn_model_with_native_hard_activations_and_the_dep
     weights = exported["out"] / "model.ncnn.bin"
     assert weights.stat().st_size > 3 * sum(p.numel() for p in model.parameters())  # float32 (4 bytes), not pnnx's fp16 default
     info = json.loads((exported["out"] / "model.ncnn.json").read_text())
+    stored = info.pop(CHECKSUM_KEY)
+    assert stored == {"param": file_sha256(exported["param"]), "bin": file_sha256(weights)}
     assert {**info, "operating_point": None} == {**deploy_info(payload["description"]), "operating_point": None}
     assert 0 <= info["operating_point"]["threshold"] <= 1
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
@@ -123,15 +126,22 @@ def test_device_benchmark_runs_without_torch_and_scores_as_export_did(exported: 
 def _damaged(folder: Path, model: dict) -> dict[str, tuple[Path, str]]:
     """name -> (.param to pass, what the error line says)."""
     files = {}
-    for name in ("truncated", "no-bin", "garbage", "no-json"):
+    for name in ("truncated", "zeroed", "no-bin", "garbage", "no-json", "bad-sum"):
         for suffix in (".param", ".bin", ".json"):
             shutil.copy(model["param"].with_suffix(suffix), folder / f"{name}{suffix}")
     weights = (folder / "truncated.bin").read_bytes()
     (folder / "truncated.bin").write_bytes(weights[:len(weights) // 2])
+    (folder / "zeroed.bin").write_bytes(weights[:len(weights) // 2] + bytes(len(weights) - len(weights) // 2))  # ncnn loads it
+    info = json.loads((folder / "bad-sum.json").read_text())
+    (folder / "bad-sum.json").write_text(json.dumps({**info, CHECKSUM_KEY: "abc"}))
     (folder / "no-bin.bin").unlink()
     (folder / "garbage.param").write_text("not an ncnn graph\n")
+    unverified = {key: value for key, value in json.loads((folder / "garbage.json").read_text()).items() if key != CHECKSUM_KEY}
+    (folder / "garbage.json").write_text(json.dumps(unverified))  # without checksums ncnn's own check answers
     (folder / "no-json.json").unlink()
-    files["truncated"] = (folder / "truncated.param", "truncated or from another model")
+    files["truncated"] = (folder / "truncated.param", "no longer match the checksum")
+    files["zeroed"] = (folder / "zeroed.param", "no longer match the checksum")
+    files["bad-sum"] = (folder / "bad-sum.param", "not the SHA-256 of the .param and .bin")
     files["no-bin"] = (folder / "no-bin.param", "has no weights file 'no-bin.bin'")
     files["garbage"] = (folder / "garbage.param", "is not a readable NCNN param file")
     files["no-json"] = (folder / "no-json.param", "has no class names or preprocessing metadata")
@@ -142,8 +152,21 @@ def _damaged(folder: Path, model: dict) -> dict[str, tuple[Path, str]]:
 def test_damaged_ncnn_model_is_one_error_line(exported: dict, images: Path, tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     for name, (path, message) in _damaged(tmp_path, exported).items():
         assert run_script("predict.py", "--ncnn", path, images) == 2, name
-        err = capfd.readouterr().err.strip().splitlines()  # file descriptor 2: ncnn's own C messages count too
+        err = [line for line in capfd.readouterr().err.strip().splitlines()  # fd 2: ncnn's own C messages count too
+               if "carries no checksum" not in line]
         assert len(err) == 1 and err[0].startswith("error:") and message in err[0], (name, err)
+
+
+def test_an_ncnn_model_without_checksums_runs_and_says_it_is_unverified(exported: dict, images: Path, tmp_path: Path,
+                                                                      capfd: pytest.CaptureFixture) -> None:
+    for suffix in (".param", ".bin", ".json"):
+        shutil.copy(exported["param"].with_suffix(suffix), tmp_path / f"old{suffix}")
+    info = json.loads((tmp_path / "old.json").read_text())
+    del info[CHECKSUM_KEY]
+    (tmp_path / "old.json").write_text(json.dumps(info))
+    assert run_script("predict.py", "--ncnn", tmp_path / "old.param", images) == 0
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "checksum" in line]
+    assert len(warnings) == 1 and "cannot be verified" in warnings[0]
 
 
 def test_device_benchmark_without_a_held_out_set_is_one_error_line(exported: dict, tmp_path: Path,
