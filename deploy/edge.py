@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
@@ -21,6 +22,8 @@ from PIL import Image
 from data.stitchingnet import normal_index
 from utils.errors import UserError
 from utils.operating_point import OperatingPoint, OperatingPointError
+
+log = logging.getLogger(__name__)
 
 # The exported model's interface; defined on this torch-free side, deploy.onnx_export writes it.
 METADATA_KEY = "stitchdefect"  # ONNX metadata entry / OpenVINO rt_info key holding the deploy info (class names, mean/std,
@@ -170,9 +173,15 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def warn_unverified(path: Path, export_flag: str) -> None:
+    """One warning for an artifact that carries no checksum (exported before checksums were stored, or the entry was
+    removed): it is used, but nothing can tell whether it was damaged after export."""
+    log.warning("'%s' carries no checksum: its files cannot be verified (export it again with export.py%s)", path,
+                f" {export_flag}" if export_flag else "")
+
+
 def check_checksum(path: Path, stored: str, actual: str) -> None:
-    """EdgeModelError (one line) when the checksum stored at export does not match the file: damaged after export.
-    (An artifact exported before checksums were stored has none: it is used as it is.)"""
+    """EdgeModelError (one line) when the checksum stored at export does not match the file: damaged after export."""
     if stored != actual:
         raise EdgeModelError(f"'{path}' is damaged: its weights no longer match the checksum stored when it was exported "
                              "(SHA-256); copy it again, or export it again with export.py")
@@ -234,6 +243,8 @@ class EdgeClassifier(ExportedClassifier):
             except ValueError:
                 actual = "unreadable"
             check_checksum(path, metadata[CHECKSUM_KEY], actual)
+        else:
+            warn_unverified(path, "")
         super().__init__(read_info_json(metadata[METADATA_KEY], path), self.session.get_inputs()[0].shape,
                          self.session.get_outputs()[0].shape)
 

@@ -14,7 +14,6 @@ check assumed.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
 import tempfile
@@ -34,9 +33,8 @@ from deploy.edge import (
     file_sha256,
     read_info_json,
     softmax,
+    warn_unverified,
 )
-
-log = logging.getLogger(__name__)
 
 INPUT_BLOB, OUTPUT_BLOB = "in0", "out0"  # pnnx's names for a traced model's one input and one output
 FLOAT16_OPTIONS = ("use_fp16_storage", "use_fp16_packed", "use_fp16_arithmetic", "use_bf16_storage", "use_bf16_packed")
@@ -109,7 +107,7 @@ def verify_files(param: Path, weights: Path, info: dict) -> None:
     checksums (exported before them, or removed) the model is used with one warning that it is unverified."""
     stored = info.get(CHECKSUM_KEY)
     if stored is None:
-        log.warning("'%s' carries no checksum: its files cannot be verified (export it again with export.py --ncnn)", param)
+        warn_unverified(param, "--ncnn")
         return
     if not (isinstance(stored, dict) and all(isinstance(stored.get(key), str) for key in ("param", "bin"))):
         raise EdgeModelError(f"the model's metadata is damaged: {CHECKSUM_KEY} is {stored!r}, not the SHA-256 of the .param "

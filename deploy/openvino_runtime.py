@@ -21,6 +21,7 @@ from deploy.edge import (
     file_sha256,
     read_info_json,
     softmax,
+    warn_unverified,
 )
 
 
@@ -41,6 +42,8 @@ def read_ir(path: Path | str) -> tuple[ov.Model, dict]:
         raise EdgeModelError(f"'{path}' has no class names or preprocessing metadata: export it with export.py --openvino")
     if model.has_rt_info([CHECKSUM_KEY]):
         check_checksum(path.with_suffix(".bin"), model.get_rt_info([CHECKSUM_KEY]).astype(str), file_sha256(path.with_suffix(".bin")))
+    else:
+        warn_unverified(path, "--openvino")
     return model, read_info_json(model.get_rt_info([METADATA_KEY]).astype(str), path)
 
 

@@ -20,7 +20,7 @@ from conftest import ROOT, run_script
 from onnx import TensorProto, helper
 
 from deploy import sources
-from deploy.edge import METADATA_KEY, EdgeClassifier
+from deploy.edge import CHECKSUM_KEY, METADATA_KEY, EdgeClassifier, onnx_checksum
 from deploy.sources import CaptureSource, SourceError
 from deploy.stream import Debouncer, Inspector, Outputs, Settings, Summary, run
 from deploy.tiling import Box, GeometryError, parse_roi, tile_boxes
@@ -51,13 +51,22 @@ def stub_model(path: Path, classes: tuple[str, ...] = ("Normal", "Broken stitch"
     info = {"model": "stub", "class_names": list(classes), "img_size": SIZE, "mean": [0.5] * 3, "std": [0.5] * 3}
     if threshold is not None:
         info["operating_point"] = OperatingPoint(threshold, 0.05, 1.0, 0.0, 20, 20).to_dict()
-    helper.set_model_props(model, {METADATA_KEY: json.dumps(info)})
+    helper.set_model_props(model, {METADATA_KEY: json.dumps(info), CHECKSUM_KEY: onnx_checksum(model.SerializeToString())})
     onnx.save(model, path)
     return path
 
 
 def frame(value: int, width: int = 64, height: int = 48) -> np.ndarray:
     return np.full((height, width, 3), value, np.uint8)
+
+
+def save_with_checksum(model: onnx.ModelProto, path: Path) -> Path:
+    """Save an edited test model with the checksum of its new weights, as export.py would have written it."""
+    for prop in model.metadata_props:
+        if prop.key == CHECKSUM_KEY:
+            prop.value = onnx_checksum(model.SerializeToString())
+    onnx.save(model, path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -308,6 +317,20 @@ def test_a_full_disk_stops_the_json_lines_with_one_error_after_the_summary(stub:
     assert "cannot write '/dev/full'" in line and "Traceback" not in captured.err
 
 
+def test_a_model_without_its_checksum_runs_with_one_unverified_warning(stub: Path, video: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    model = onnx.load(stub)
+    kept = [prop for prop in model.metadata_props if prop.key != CHECKSUM_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.save(model, tmp_path / "unverified.onnx")
+    cv2.imwrite(str(tmp_path / "seam.png"), frame(DARK))
+    for script, args in (("predict.py", [tmp_path / "seam.png"]), ("stream.py", ["--source", video])):
+        assert run_script(script, "--onnx", tmp_path / "unverified.onnx", *args) == 0
+        warnings = [line for line in capsys.readouterr().err.splitlines() if "checksum" in line]
+        assert len(warnings) == 1 and "cannot be verified" in warnings[0], (script, warnings)
+
+
 def _with_metadata(stub: Path, path: Path, text: str) -> Path:
     model = onnx.load(stub)
     for prop in model.metadata_props:
@@ -359,7 +382,7 @@ def test_a_model_giving_nan_fails_closed(stub: Path, video: Path, tmp_path: Path
     model = onnx.load(stub)
     (gain,) = [tensor for tensor in model.graph.initializer if tensor.name == "gain"]
     gain.CopyFrom(helper.make_tensor("gain", TensorProto.FLOAT, [], [float("nan")]))
-    onnx.save(model, tmp_path / "nan.onnx")
+    save_with_checksum(model, tmp_path / "nan.onnx")  # a model that computes NaN as exported, not a damaged file
     assert run_script("stream.py", "--onnx", tmp_path / "nan.onnx", "--source", video) == 0
     assert {line["verdict"] for line in json_lines(capsys.readouterr().out)} == {"defect"}
 
