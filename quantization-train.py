@@ -38,7 +38,7 @@ from engine.run import (
     train,
 )
 from models.factory import model_from_checkpoint, resolve_model
-from models.int8 import BACKENDS, DEFAULT_OBSERVER, OBSERVERS, calibrate, fx, qat_schedule, set_backend
+from models.int8 import BACKENDS, DEFAULT_OBSERVER, OBSERVERS, calibrate, fx, observers_paused, qat_schedule, set_backend
 from models.stats import measure_latency, model_stats
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.cli import non_negative_float, non_negative_int, positive_float, positive_int, run_cli
@@ -100,8 +100,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="QAT fine-tuning epochs (--epochs/--lr are the FP32 fine-tune's; default: %(default)s)")
     group.add_argument("--qat-lr", type=positive_float, default=5e-4,
                        help="QAT learning rate, all layers, cosine to 0 (default: %(default)s)")
-    group.add_argument("--observer-epochs", type=non_negative_int, default=3,
-                       help="QAT: freeze activation/weight ranges from this epoch on (default: %(default)s)")
+    group.add_argument("--observer-epochs", type=positive_int, default=3,
+                       help="QAT: freeze activation/weight ranges from this epoch on; at least 1, the ranges must see data "
+                            "(default: %(default)s)")
     group.add_argument("--bn-freeze-epochs", type=non_negative_int, default=2,
                        help="QAT: freeze BatchNorm statistics from this epoch on (default: %(default)s)")
     group.add_argument("--qat-teacher", metavar="CHECKPOINT|none", default="self",
@@ -316,13 +317,16 @@ def convert_qat(prepared: torch.nn.Module, args: argparse.Namespace, img_size: i
 def train_qat(fp32: torch.nn.Module, teacher: tuple[torch.nn.Module, str] | None, bundle: DataBundle,
               description: RunDescription, args: argparse.Namespace, config: RunConfig, runtime: Runtime, qat_dir: Path,
               val_loader: DataLoader) -> int:
-    """Fine-tune with fake quantisation through the shared loop, distilling from ``teacher`` if given; the INT8 copy's
-    validation loss picks the best epoch."""
+    """Fine-tune with fake quantisation through the shared loop, distilling from ``teacher`` if given; the validation
+    loss of the INT8 copy (FX) or of the fake-quantised graph (PT2E) picks the best epoch."""
     img_size = description.img_size
     prepared = prepare_model(prepare_qat(fp32, args, img_size), runtime)
     qat_config = config.with_training(epochs=args.qat_epochs, lr=args.qat_lr, lr_backbone=args.qat_lr, warmup_epochs=0)
 
     def validate() -> EvalOutput:
+        if args.api == "pt2e":  # the prepared graph computes what convert_pt2e bakes in; converting takes ~20 s
+            with observers_paused(prepared):
+                return evaluate(prepared, val_loader, runtime, desc="val fake-quant")
         int8 = evaluate(convert_qat(prepared, args, img_size), val_loader, CPU, desc="val int8")
         log.info("  val converted INT8 loss %.4f acc %.4f", int8.loss, int8.acc)
         return int8

@@ -37,7 +37,7 @@ RUN = {"--seed": ("-1", str(2**32)), "--false-alarm-budget": ("0", "1", "nan")}
 SCRIPTS: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]]]] = {
     "main.py": ((), {**MODEL, **DATA, **TRAINING, **RUN}),
     "quantization-train.py": ((), {**MODEL, "--calib-batches": ("0",), "--qat-epochs": ("0",), "--qat-lr": ("-5e-5",),
-                                   "--observer-epochs": ("-1",), "--bn-freeze-epochs": ("-5",),
+                                   "--observer-epochs": ("0", "-1"), "--bn-freeze-epochs": ("-5",),
                                    "--max-drop": ("-1", "nan"), "--qat-temperature": ("0", "-1"), **DATA, **TRAINING, **RUN}),
     "prune.py": (("--checkpoint", "missing.pt", "--ratio", "0.5"),
                  {"--ratio": ("0", "1"), "--iterative-steps": ("0",), "--round-to": ("0",), "--finetune-epochs": ("0",),

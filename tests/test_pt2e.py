@@ -135,13 +135,13 @@ def test_cli_pt2e_qat_distils_converts_and_reloads(trained_run, tmp_path):
     """--api pt2e --mode qat: torch.export in training mode, prepare_qat_pt2e, the shared loop with the FP32 model as
     teacher, convert; the checkpoint and the program reload to the same outputs."""
     assert run_script("quantization-train.py", "--checkpoint", trained_run / "best.pt", *QUICK[:2], "--mode", "qat",
-                      "--qat-epochs", "2", "--observer-epochs", "1", "--bn-freeze-epochs", "1", "--batch-size", "16",
+                      "--qat-epochs", "1", "--observer-epochs", "1", "--bn-freeze-epochs", "0", "--batch-size", "16",
                       "--workers", "0", "--no-compile", "--output-dir", tmp_path) == 0
     (run_dir,) = (tmp_path / "quantization").iterdir()
     for name in ("int8_qat.pt", "int8_qat.pt2", "qat/log.csv", "qat/metrics.json"):
         assert (run_dir / name).is_file(), name
     (row,) = read_rows(tmp_path / "results.csv")
-    assert (row["method"], row["epochs"]) == ("qat", "2")
+    assert (row["method"], row["epochs"]) == ("qat", "1")
     settings = load_checkpoint(run_dir / "int8_qat.pt")["description"].quantization
     assert (settings["api"], settings["mode"], settings["teacher"]) == ("pt2e", "qat", "self")
     x = torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
