@@ -155,6 +155,8 @@ def check_modes(args: argparse.Namespace) -> None:
                                             "sets up QAT, which --mode ptq does not run: drop it or use --mode both"))
     if args.mode == "qat":
         refuse(args.explicit, {"calib_batches": "PTQ calibration, which --mode qat does not run: drop it"})
+    if args.qat_teacher == "none":
+        refuse(args.explicit, {"qat_temperature": "softens a teacher's labels, and --qat-teacher none has none: drop one"})
     if args.api == "fx":
         refuse(args.explicit, {"compile": "times the --api pt2e model: drop it, or add --api pt2e"})
     used = [flag for name, flag in PTQ_METHODS.items() if getattr(args, name) not in (None, False)]
